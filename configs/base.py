@@ -1,0 +1,104 @@
+"""Fields every experiment config has, their defaults, and the shared `:runlocal` shrink.
+
+Configs start from `base_config()`, set what their experiment needs, and return the dict
+locked (`lock_config=True` in `launch.main`), so a misspelt override fails instead of being
+silently ignored. Variants come from the string after the colon: `configs/x.py:det,runlocal`
+or `configs/x.py:phase=2,bits=20`; `parse_arg` turns it into a dict.
+"""
+from typing import Dict, Iterable
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def parse_arg(arg: str | None, allowed: Iterable[str]) -> Dict[str, str]:
+  """'det,runlocal,bits=20' -> {'det': 'True', 'runlocal': 'True', 'bits': '20'}."""
+  allowed = set(allowed)
+  parsed = {}
+  for part in filter(None, (arg or '').split(',')):
+    key, _, value = part.partition('=')
+    key = key.strip()
+    if key not in allowed:
+      raise ValueError(f'unknown config argument {key!r}; this config accepts {sorted(allowed)}')
+    parsed[key] = value.strip() if value else 'True'
+  return parsed
+
+
+def base_config() -> ConfigDict:
+  """All fields the trainer reads, with defaults."""
+  c = ConfigDict()
+  c.seed = 0
+
+  c.dataset = ConfigDict()
+  c.dataset.name = 'digits'        # digits | arrayrecord | tfds | synthetic
+  c.dataset.data_dir = ''          # arrayrecord: prepared dir; tfds: data_dir (optional)
+  c.dataset.tfds_name = ''
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'test'
+  c.dataset.num_classes = 10
+  c.dataset.image_size = 8         # synthetic: side of generated images
+  c.dataset.channels = 1           # synthetic: channels of generated images
+  c.dataset.num_examples = 0       # synthetic: examples per split
+  c.dataset.label_noise = 0.0      # fraction of training labels flipped (seeded)
+  c.dataset.label_noise_kind = 'symmetric'   # symmetric | class_dependent
+  c.dataset.setup_hint = ''        # how to get this dataset, shown when it is missing
+
+  c.input = ConfigDict()
+  c.input.batch_size = 128         # global batch, across all processes
+  c.input.eval_batch_size = 256
+  c.input.train_augment = 'none'   # none | flip | cifar | inception
+  c.input.eval_preprocess = 'none' # none | resize | center_crop
+  c.input.image_size = 0           # 0: keep the stored size
+  c.input.mean = (0.5,)
+  c.input.std = (0.5,)
+  c.input.num_workers = 0          # grain mp_prefetch workers per process; 0 = in-process
+  c.input.shuffle = True
+
+  c.model = ConfigDict()
+  c.model.backbone = 'convnet'
+  c.model.backbone_kwargs = ConfigDict()
+  c.model.head = 'softmax'
+  c.model.head_kwargs = ConfigDict()
+  c.model.dtype = 'float32'        # computation dtype of the backbone
+
+  c.optimizer = ConfigDict()
+  c.optimizer.name = 'adam'        # adam | adamw | sgd
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = 'cosine'  # cosine | constant
+  c.optimizer.warmup_steps = 0
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 0.0   # decoupled for adamw, coupled (L2 in grads) otherwise
+  c.optimizer.grad_clip_norm = 0.0
+
+  c.train = ConfigDict()
+  c.train.num_steps = 1000
+  c.train.log_every = 50
+  c.train.eval_every = 0           # 0: evaluate only at the end
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpointing = True
+
+  c.eval = ConfigDict()
+  c.eval.num_bins = 15             # ECE bins
+  c.eval.max_examples = 0          # 0: the whole eval split
+
+  c.mesh = ConfigDict()
+  c.mesh.axes = ('data', 'model')
+  c.mesh.shape = (-1, 1)           # -1: all remaining devices
+  return c
+
+
+def runlocal(c: ConfigDict) -> ConfigDict:
+  """Shrinks any config so it trains and evaluates on a 2-core CPU in seconds."""
+  c.input.batch_size = min(c.input.batch_size, 16)
+  c.input.eval_batch_size = min(c.input.eval_batch_size, 32)
+  c.input.num_workers = 0
+  c.train.num_steps = min(c.train.num_steps, 4)
+  c.train.log_every = 1
+  c.train.eval_every = 0
+  c.train.checkpoint_every = c.train.num_steps
+  c.eval.max_examples = 64
+  c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 1)
+  return c

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy, NLL and calibration of any head, from a state or a checkpoint."""

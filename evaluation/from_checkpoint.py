@@ -1,0 +1,33 @@
+"""Eval mode: restore a checkpoint onto the current mesh and evaluate the eval split."""
+import os
+from typing import Optional
+
+import ml_collections
+
+from evaluation.evaluator import evaluate, make_eval_step
+from evaluation.report import write_eval_report
+from training.checkpointing import Checkpointer, check_signature, checkpoint_dir
+from training.experiment import Experiment
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: Optional[int] = None) -> dict:
+  """Evaluates the latest (or the given) checkpoint in `workdir`; returns the eval record."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise FileNotFoundError(f'no checkpoints in {workdir}: train first with --mode=train')
+  exp = Experiment.build(config)
+  check_signature(workdir, exp.abstract_state.params)
+  ckpt = Checkpointer(workdir, save_every=1, keep=1, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'no complete checkpoint in {checkpoint_dir(workdir)}')
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise ValueError(f'no checkpoint for step {step} in {workdir}; available: {sorted(steps)}')
+  state = ckpt.restore_state(step, exp.abstract_restore_target())
+  ckpt.close()
+  eval_step = make_eval_step(exp.model, exp.mesh, exp.shardings)
+  metrics, bins = evaluate(eval_step, state.params, state.batch_stats, exp.eval_dataset(),
+                           exp.mesh, config.eval.num_bins)
+  return write_eval_report(workdir, step, metrics, bins)

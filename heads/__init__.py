@@ -1,0 +1,1 @@
+"""Classification heads sharing one interface (see `heads.base`)."""

@@ -1,0 +1,39 @@
+"""The deterministic (DET) head: one Dense layer, optionally with a learnt bounded temperature."""
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from heads.base import HeadOutput, class_sharded, link_loss
+from heads.temperature import BoundedTemperature
+
+
+class SoftmaxHead(nn.Module):
+  """logits = (phi W + b) / tau. `tau` is 1, a fixed float, or learnt within `temperature_bounds`."""
+  num_classes: int
+  link: str = 'softmax'
+  label_smoothing: float = 0.0
+  temperature: float = 1.0
+  learn_temperature: bool = False
+  temperature_bounds: Tuple[float, float] = (0.3, 3.0)
+  bias_init: float = 0.0
+  kernel_init_zero: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, labels: Optional[jax.Array] = None, *,
+               train: bool = False) -> HeadOutput:
+    kernel_init = (nn.initializers.zeros if self.kernel_init_zero
+                   else nn.initializers.lecun_normal())
+    logits = nn.Dense(
+        self.num_classes, dtype=self.dtype, name='loc_layer',
+        kernel_init=class_sharded(kernel_init),
+        bias_init=class_sharded(nn.initializers.constant(self.bias_init), ndim=1),
+    )(x).astype(jnp.float32)
+    if self.learn_temperature:
+      logits = logits / BoundedTemperature(self.temperature_bounds, name='temperature')()
+    elif self.temperature != 1.0:
+      logits = logits / self.temperature
+    loss = None if labels is None else link_loss(self.link, logits, labels, self.label_smoothing)
+    return HeadOutput(logits, loss)

@@ -1,0 +1,52 @@
+r"""Trains and evaluates, or evaluates a checkpoint.
+
+  python -m launch.main --config=configs/quickstart.py --workdir=/tmp/qs [--mode=train|eval]
+  python -m launch.main --config=configs/hetxl_cifar10.py:runlocal --workdir=... \
+      --config.train.num_steps=10
+
+On a cluster (TPU pod, multi-node GPU) every process runs the same command; the JAX
+distributed runtime is initialised from the environment the cluster sets.
+"""
+import json
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:args]',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics, results')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (and evaluate) or eval')
+_STEP = flags.DEFINE_integer('step', None, 'eval mode: checkpoint step (default: latest)')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+_CLUSTER_ENV = ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'JAX_COORDINATOR_ADDRESS',
+                'MEGASCALE_COORDINATOR_ADDRESS')
+
+
+def _on_cluster() -> bool:
+  if os.environ.get('SLURM_JOB_ID') and int(os.environ.get('SLURM_NTASKS', '1')) <= 1:
+    return False
+  return any(os.environ.get(v) for v in _CLUSTER_ENV)
+
+
+def main(argv):
+  del argv
+  if _on_cluster():
+    jax.distributed.initialize()
+  logging.info('JAX %s: process %d of %d, %d local / %d global devices', jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  config = _CONFIG.value
+  if _MODE.value == 'train':
+    from training.loop import train_and_evaluate
+    train_and_evaluate(config, _WORKDIR.value)
+  else:
+    from evaluation.from_checkpoint import evaluate_checkpoint
+    record = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

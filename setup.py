@@ -1,0 +1,29 @@
+"""Large-scale image classification heads (HET-XL, HET, LLC, SOC) on one JAX/Flax trainer."""
+from setuptools import find_packages, setup
+
+setup(
+    name='bigclass',
+    version='0.1.0',
+    description=__doc__,
+    python_requires='>=3.10',
+    packages=find_packages(include=['backbones*', 'configs*', 'evaluation*', 'heads*', 'hetxl*',
+                                    'input_pipeline*', 'launch*', 'llc*', 'soc*', 'training*']),
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'grain>=0.2.18',
+        'array-record>=0.8.6',
+        'tensorflow-datasets>=4.9.10',
+        'ml_collections>=1.1.0',
+        'absl-py>=2.1',
+        'numpy>=2.0',
+        'scipy>=1.13',
+        'pillow>=11.0',
+        'scikit-learn>=1.5',
+        'matplotlib>=3.9',
+        'tensorboardX>=2.6.2',
+    ],
+    extras_require={'test': ['pytest>=8.0']},
+)

@@ -1,0 +1,1 @@
+"""Training: mesh, model assembly, optimizer, sharded state, checkpoints, metrics, the loop."""

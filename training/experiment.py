@@ -1,0 +1,61 @@
+"""What train and eval both need from a config: mesh, model, optimizer, state layout, eval data."""
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from input_pipeline.pipeline import eval_dataset, preprocess
+from input_pipeline.sources import DatasetInfo, build_source
+from training.mesh import build_mesh
+from training.model import build_model
+from training.optimizer import build_optimizer, build_schedule
+from training.state import TrainState, state_shardings
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  image_shape: tuple
+  abstract_state: TrainState
+  shardings: TrainState
+  eval_source: Any
+  info: DatasetInfo
+
+  @classmethod
+  def build(cls, config: ml_collections.ConfigDict) -> 'Experiment':
+    mesh = build_mesh(config.mesh.axes, config.mesh.shape)
+    for name, size in (('input.batch_size', config.input.batch_size),
+                       ('input.eval_batch_size', config.input.eval_batch_size)):
+      if size % mesh.shape['data']:
+        raise ValueError(f'{name}={size} is not divisible by the data axis ({mesh.shape["data"]})')
+    source, info = build_source(config.dataset, config.dataset.eval_split, config.seed, train=False)
+    if config.eval.max_examples:
+      from input_pipeline.sources import Subset
+      source = Subset(source, config.eval.max_examples)
+    first = preprocess(source[0], None, eval_mode=config.input.eval_preprocess,
+                       image_size=config.input.image_size, channels=config.dataset.channels)
+    image_shape = tuple(np.shape(first['image']))
+    model = build_model(config)
+    tx = build_optimizer(config.optimizer, config.train.num_steps)
+    abstract, shardings = state_shardings(model, tx, image_shape, mesh)
+    return cls(config, mesh, model, tx, build_schedule(config.optimizer, config.train.num_steps),
+               image_shape, abstract, shardings, source, info)
+
+  def eval_dataset(self):
+    c = self.config
+    return eval_dataset(self.eval_source, global_batch=c.input.eval_batch_size,
+                        eval_mode=c.input.eval_preprocess, image_size=c.input.image_size,
+                        channels=c.dataset.channels, num_workers=c.input.num_workers)[0]
+
+  def abstract_restore_target(self) -> TrainState:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.shardings)

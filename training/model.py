@@ -1,0 +1,43 @@
+"""Backbone + head = the classifier every experiment trains."""
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from backbones.registry import build_backbone
+from heads.base import HeadOutput
+from heads.registry import build_head
+
+# Every rng stream a module may ask for; each gets its own key per step.
+RNG_STREAMS = ('dropout', 'diag_noise_samples', 'standard_norm_noise_samples')
+
+
+class Classifier(nn.Module):
+  """Normalises uint8 images on device, runs the backbone, then the head."""
+  backbone: nn.Module
+  head: nn.Module
+  mean: Sequence[float] = (0.5,)
+  std: Sequence[float] = (0.5,)
+
+  def __call__(self, images: jax.Array, labels: Optional[jax.Array] = None, *,
+               train: bool = False) -> HeadOutput:
+    x = (images.astype(jnp.float32) / 255.0 - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+    features = self.backbone(x, train=train)
+    return self.head(features, labels, train=train)
+
+
+def build_model(config: ml_collections.ConfigDict) -> Classifier:
+  """The classifier the config names."""
+  m = config.model
+  dtype = jnp.dtype(m.dtype)
+  backbone = build_backbone(m.backbone, dtype=dtype, **m.backbone_kwargs.to_dict())
+  head = build_head(m.head, config.dataset.num_classes, **m.head_kwargs.to_dict())
+  return Classifier(backbone, head, tuple(config.input.mean), tuple(config.input.std))
+
+
+def step_rngs(key: jax.Array, step: jax.Array) -> dict:
+  """The per-step rngs: fold_in(seed key, step), so a resumed run draws the same noise."""
+  key = jax.random.fold_in(key, step)
+  return {name: jax.random.fold_in(key, i) for i, name in enumerate(RNG_STREAMS)}

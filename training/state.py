@@ -1,0 +1,61 @@
+"""The train state pytree, created already sharded over the mesh."""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from training.mesh import fit_spec
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def _init_variables(model: nn.Module, image_shape: tuple, key: jax.Array) -> dict:
+  images = jnp.zeros((2, *image_shape), jnp.uint8)
+  rngs = {'params': key, 'dropout': key, 'diag_noise_samples': key,
+          'standard_norm_noise_samples': key}
+  variables = model.init(rngs, images, train=False)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple,
+                    mesh: Mesh) -> tuple[TrainState, TrainState]:
+  """(abstract state, NamedShardings): class dims on 'model' as the heads declare, rest replicated."""
+  boxed = jax.eval_shape(lambda k: _init_variables(model, image_shape, k), jax.random.key(0))
+  specs = nn.get_partition_spec(boxed)
+  abstract_vars = nn.meta.unbox(boxed)
+  specs = jax.tree.map(lambda s, a: fit_spec(s, a.shape, mesh), specs, abstract_vars,
+                       is_leaf=lambda x: isinstance(x, P))
+  abstract_opt = jax.eval_shape(tx.init, abstract_vars['params'])
+  opt_specs = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, specs['params'],
+                                    transform_non_params=lambda _: P(),
+                                    is_leaf=lambda x: isinstance(x, P))
+  spec_state = TrainState(P(), specs['params'], specs['batch_stats'], opt_specs)
+  abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_vars['params'],
+                        abstract_vars['batch_stats'], abstract_opt)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), spec_state,
+                           is_leaf=lambda x: isinstance(x, P))
+  return abstract, shardings
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple,
+                 shardings: TrainState, key: jax.Array) -> TrainState:
+  """Initialises the state directly into its shardings (no full copy on one device)."""
+  def init(k):
+    v = nn.meta.unbox(_init_variables(model, image_shape, k))
+    return TrainState(jnp.zeros((), jnp.int32), v['params'], v['batch_stats'],
+                      tx.init(v['params']))
+  return jax.jit(init, out_shardings=shardings)(key)
+
+
+def param_count(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,74 @@
+"""The workdir: a lock so two runs never write into one, and the resolved config."""
+import json
+import os
+import socket
+
+import jax
+import ml_collections
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another live process holds the workdir."""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class WorkdirLock:
+  """`<workdir>/LOCK` holding host and pid of the writer (process 0 only).
+
+  A lock left by a process that no longer runs on this host is taken over; one held by a
+  live process, or written from another host, stops the run with a clear error.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'LOCK')
+    self._held = False
+
+  def acquire(self) -> None:
+    if jax.process_index() != 0:
+      return
+    me = {'host': socket.gethostname(), 'pid': os.getpid()}
+    if os.path.exists(self.path):
+      try:
+        with open(self.path) as f:
+          owner = json.load(f)
+      except (OSError, ValueError):
+        owner = {}
+      if owner and owner != me and (owner.get('host') != me['host'] or
+                                    _pid_alive(int(owner.get('pid', -1)))):
+        raise WorkdirInUseError(
+            f'{os.path.dirname(self.path)} is in use by pid {owner.get("pid")} on '
+            f'{owner.get("host")}; wait for it, use another --workdir, or delete {self.path} '
+            'if that run is gone.')
+    tmp = f'{self.path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(me, f)
+    os.replace(tmp, self.path)
+    self._held = True
+
+  def release(self) -> None:
+    if self._held and os.path.exists(self.path):
+      os.remove(self.path)
+    self._held = False
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes the resolved config (after command-line overrides) as `config.json`."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
