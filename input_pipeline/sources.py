@@ -143,7 +143,10 @@ def _digits_source(split: str):
 
 def _arrayrecord_source(ds: ml_collections.ConfigDict, split: str):
   from input_pipeline import records
-  meta = records.read_metadata(ds.data_dir, hint=ds.setup_hint)
+  try:
+    meta = records.read_metadata(ds.data_dir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{e}\n{ds.setup_hint}'.strip()) from None
   return RecordSource(records.split_paths(ds.data_dir, split)), tuple(meta['class_names'])
 
 

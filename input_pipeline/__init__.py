@@ -1,0 +1,1 @@
+"""Data input: the on-disk ArrayRecord format, image transforms and loaders."""

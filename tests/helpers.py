@@ -1,0 +1,30 @@
+"""Shared test helpers: config loading and running launch.main in a subprocess."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(path: str, arg: str | None = None):
+  """get_config(arg) of a config file under configs/, as launch.main would build it."""
+  import importlib
+  module = importlib.import_module('configs.' + os.path.splitext(os.path.basename(path))[0])
+  return module.get_config(arg)
+
+
+def run_main(*args: str, devices: int = 1, timeout: int = 300, check: bool = True,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+  """Runs `python -m launch.main ARGS` with `devices` fake CPU devices."""
+  full_env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+                  XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **(env or {}))
+  proc = subprocess.run([sys.executable, '-m', 'launch.main', *args], cwd=ROOT, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'launch.main {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+  return proc
+
+
+def last_json(stdout: str) -> dict:
+  import json
+  return json.loads(stdout.strip().splitlines()[-1])
