@@ -48,7 +48,9 @@ def make_train_step(exp: Experiment):
                'accuracy': jnp.sum((logits.argmax(-1) == batch['label']) * mask) / jnp.sum(mask),
                'grad_norm': jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2)
                                          for g in jax.tree.leaves(grads))),
-               'learning_rate': schedule(state.step)}
+               'learning_rate': schedule(state.step),
+               'params_finite': jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
+                                                   for p in jax.tree.leaves(params)]))}
     for path, value in jax.tree_util.tree_flatten_with_path(mutated.get('head_metrics', {}))[0]:
       metrics[str(path[-2].key if len(path) > 1 else path[-1])] = jnp.mean(value)
     new_state = TrainState(state.step + 1, params, mutated.get('batch_stats', state.batch_stats),
@@ -74,11 +76,16 @@ class _PreemptionFlag:
     self.raised = True
 
 
-def _check_finite(step: int, metrics: dict, last_checkpoint: Any) -> None:
-  if not np.isfinite(metrics['loss']):
+def _check_finite(step: int, metrics: dict, last_checkpoint: Any) -> dict:
+  """Stops on a NaN/inf loss or update; returns the metrics worth logging."""
+  metrics = dict(metrics)
+  params_finite = bool(metrics.pop('params_finite'))
+  if not (np.isfinite(metrics['loss']) and params_finite):
+    what = f'loss ({metrics["loss"]})' if not np.isfinite(metrics['loss']) else 'parameter update'
     raise FloatingPointError(
-        f'non-finite loss ({metrics["loss"]}) at step {step} (steps up to {step - 1} were '
-        f'finite); stopped without saving it. Last good checkpoint: step {last_checkpoint}.')
+        f'non-finite {what} at step {step} (steps up to {step - 1} were finite); stopped '
+        f'without saving it. Last good checkpoint: step {last_checkpoint}.')
+  return metrics
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -153,7 +160,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if pending is not None:
       p_step, p_metrics = pending
       p_metrics = jax.device_get(p_metrics)
-      _check_finite(p_step, p_metrics, last_saved)
+      p_metrics = _check_finite(p_step, p_metrics, last_saved)
       if p_step % config.train.log_every == 0:
         writer.write(p_step, p_metrics)
     pending = (step, metrics)
@@ -163,7 +170,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eta = (num_steps - step) / max(rate, 1e-9)
       loss = float(jax.device_get(metrics['loss']))
       extra = ''.join(f' | {k} {float(v):.4f}' for k, v in jax.device_get(metrics).items()
-                      if k not in ('loss', 'accuracy', 'grad_norm', 'learning_rate'))
+                      if k not in ('loss', 'accuracy', 'grad_norm', 'learning_rate',
+                                   'params_finite'))
       print(f'step {step}/{num_steps} | loss {loss:.4f}{extra} | {rate:.2f} steps/s | '
             f'{rate * config.input.batch_size:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}',
             flush=True)
@@ -184,8 +192,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if pending is not None:
     p_step, p_metrics = pending
     p_metrics = jax.device_get(p_metrics)
-    _check_finite(p_step, p_metrics, last_saved)
-    writer.write(p_step, p_metrics)
+    writer.write(p_step, _check_finite(p_step, p_metrics, last_saved))
   final_step = int(jax.device_get(state.step))
   if final_step >= num_steps:
     eval_metrics = {'step': final_step, **run_eval(final_step)}

@@ -1,0 +1,83 @@
+"""Bad input gets a clear error and loses nothing."""
+import json
+import os
+import socket
+
+import pytest
+
+from tests.helpers import load_config
+from training.checkpointing import Checkpointer, IncompatibleCheckpointError
+from training.loop import train_and_evaluate
+from training.workdir import WorkdirInUseError
+
+
+def _config(steps=2):
+  c = load_config('quickstart.py', 'runlocal')
+  c.train.num_steps = steps
+  c.train.async_checkpointing = False
+  return c
+
+
+def test_missing_arrayrecord_dataset_says_how_to_prepare(tmp_path):
+  c = _config()
+  c.dataset.name = 'arrayrecord'
+  c.dataset.data_dir = str(tmp_path / 'nothing_here')
+  with pytest.raises(FileNotFoundError, match='launch.prepare_data'):
+    train_and_evaluate(c, str(tmp_path / 'work'))
+
+
+def test_missing_tfds_dataset_is_clear(tmp_path):
+  c = _config()
+  c.dataset.name = 'tfds'
+  c.dataset.tfds_name = 'mnist'
+  c.dataset.data_dir = str(tmp_path / 'no_tfds')
+  with pytest.raises(FileNotFoundError, match="tfds dataset 'mnist'"):
+    train_and_evaluate(c, str(tmp_path / 'work'))
+
+
+def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
+  train_and_evaluate(_config(), str(tmp_path))
+  before = sorted(os.listdir(tmp_path / 'checkpoints'))
+  other = _config()
+  other.model.backbone_kwargs.features = 64  # a different model
+  with pytest.raises(IncompatibleCheckpointError, match='different model'):
+    train_and_evaluate(other, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == before
+  assert Checkpointer(str(tmp_path), save_every=1, keep=1, read_only=True).latest_step() == 2
+
+
+def test_workdir_in_use_by_a_live_process(tmp_path):
+  with open(tmp_path / 'LOCK', 'w') as f:
+    json.dump({'host': socket.gethostname(), 'pid': os.getppid()}, f)  # alive: our parent
+  with pytest.raises(WorkdirInUseError, match='in use by pid'):
+    train_and_evaluate(_config(), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_stale_lock_is_taken_over(tmp_path):
+  with open(tmp_path / 'LOCK', 'w') as f:
+    json.dump({'host': socket.gethostname(), 'pid': 2**22 + 12345}, f)  # no such process
+  result = train_and_evaluate(_config(steps=1), str(tmp_path))
+  assert result['step'] == 1
+  assert not os.path.exists(tmp_path / 'LOCK')  # released at the end
+
+
+def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  c = _config(steps=40)
+  c.train.checkpoint_every = 1
+  c.optimizer.learning_rate = 1e30
+  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = 'constant'
+  with pytest.raises(FloatingPointError, match=r'non-finite .* at step (\d+)') as err:
+    train_and_evaluate(c, str(tmp_path))
+  bad_step = int(err.value.args[0].split('at step ')[1].split()[0])
+  latest = Checkpointer(str(tmp_path), save_every=1, keep=1, read_only=True).latest_step()
+  assert latest is not None and latest < bad_step
+  assert f'Last good checkpoint: step {latest}' in err.value.args[0]
+
+
+def test_batch_not_divisible_by_data_axis(tmp_path):
+  c = _config()
+  c.input.batch_size = 12  # 8 fake devices on the data axis
+  with pytest.raises(ValueError, match='not divisible by the data axis'):
+    train_and_evaluate(c, str(tmp_path))
