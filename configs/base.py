@@ -102,3 +102,54 @@ def runlocal(c: ConfigDict) -> ConfigDict:
   c.eval.max_examples = 64
   c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 1)
   return c
+
+
+PREPARED = {
+    # name: (num_classes, channels, stored image size, prepare command)
+    'cifar10': (10, 3, 32, 'python -m launch.prepare_data --source=cifar10_npz '
+                           '--input_dir=../shared/data --out=.data/cifar10'),
+    'caltech101': (101, 3, 64, 'python -m launch.prepare_data --source=caltech101_npz '
+                               '--input_dir=../shared/data --out=.data/caltech101'),
+}
+
+
+def prepared_dataset(c: ConfigDict, name: str, data_dir: str = '') -> ConfigDict:
+  """Points `c.dataset` at ArrayRecord shards written by `launch.prepare_data`."""
+  num_classes, channels, size, command = PREPARED[name]
+  c.dataset.name = 'arrayrecord'
+  c.dataset.data_dir = data_dir or f'.data/{name}'
+  c.dataset.num_classes = num_classes
+  c.dataset.channels = channels
+  c.dataset.image_size = size
+  c.dataset.setup_hint = f'Prepare it with:\n  {command}'
+  return c
+
+
+def cifar_recipe(c: ConfigDict, epochs: int = 30, batch_size: int = 128) -> ConfigDict:
+  """ResNet-18 (CIFAR stem) on 32x32 CIFAR-10: pad-crop + flip, Adam 1e-3 cosine."""
+  prepared_dataset(c, 'cifar10')
+  c.input.batch_size = batch_size
+  c.input.eval_batch_size = 500
+  c.input.train_augment = 'cifar'
+  c.input.mean = (0.4914, 0.4822, 0.4465)
+  c.input.std = (0.2470, 0.2435, 0.2616)
+  c.input.num_workers = 2
+  c.model.backbone = 'resnet18'
+  c.model.backbone_kwargs.stem = 'cifar'
+  c.optimizer.name = 'adam'
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 200
+  c.train.num_steps = epochs * 50_000 // batch_size
+  c.train.log_every = 100
+  c.train.eval_every = 50_000 // batch_size * 5
+  c.train.checkpoint_every = 50_000 // batch_size
+  return c
+
+
+def runlocal_small_backbone(c: ConfigDict) -> ConfigDict:
+  """For `:runlocal`: the same backbone family at a tiny width, so a CPU step takes seconds."""
+  if c.model.backbone.startswith('resnet'):
+    c.model.backbone_kwargs.width = 0.125
+  elif c.model.backbone.startswith('vit'):
+    c.model.backbone_kwargs.update(dict(width=64, depth=1, num_heads=2, mlp_dim=128))
+  return c
