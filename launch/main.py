@@ -21,20 +21,25 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (and evalua
 _STEP = flags.DEFINE_integer('step', None, 'eval mode: checkpoint step (default: latest)')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-_CLUSTER_ENV = ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'JAX_COORDINATOR_ADDRESS',
-                'MEGASCALE_COORDINATOR_ADDRESS')
+def initialize_distributed() -> None:
+  """Starts JAX's multi-process runtime when this process is one of several.
 
-
-def _on_cluster() -> bool:
-  if os.environ.get('SLURM_JOB_ID') and int(os.environ.get('SLURM_NTASKS', '1')) <= 1:
-    return False
-  return any(os.environ.get(v) for v in _CLUSTER_ENV)
+  Explicit: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (any cluster, or
+  several processes on one machine). Otherwise JAX detects Cloud TPU pods and SLURM / Open MPI
+  jobs itself. A plain single-process run initialises nothing.
+  """
+  env = os.environ
+  if env.get('JAX_COORDINATOR_ADDRESS') and env.get('JAX_NUM_PROCESSES'):
+    jax.distributed.initialize(env['JAX_COORDINATOR_ADDRESS'], int(env['JAX_NUM_PROCESSES']),
+                               int(env['JAX_PROCESS_ID']))
+  elif (env.get('TPU_WORKER_HOSTNAMES', 'localhost') != 'localhost'
+        or int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1):
+    jax.distributed.initialize()
 
 
 def main(argv):
   del argv
-  if _on_cluster():
-    jax.distributed.initialize()
+  initialize_distributed()
   logging.info('JAX %s: process %d of %d, %d local / %d global devices', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())

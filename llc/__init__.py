@@ -1,0 +1,1 @@
+"""LLC: learnt low-dimensional binary class codes (packing, decoding, retrieval, baselines)."""
