@@ -79,6 +79,8 @@ def base_config() -> ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.async_checkpointing = True
+  c.train.init_from = ''           # workdir whose latest checkpoint initialises ...
+  c.train.init_prefixes = ('backbone',)  # ... these parameter subtrees of a fresh run
 
   c.eval = ConfigDict()
   c.eval.num_bins = 15             # ECE bins

@@ -25,9 +25,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     step = max(steps)
   elif step not in steps:
     raise ValueError(f'no checkpoint for step {step} in {workdir}; available: {sorted(steps)}')
-  state = ckpt.restore_state(step, exp.abstract_restore_target())
+  variables = ckpt.restore_variables(step, exp.abstract_restore_target())
   ckpt.close()
   eval_step = make_eval_step(exp.model, exp.mesh, exp.shardings)
-  metrics, bins = evaluate(eval_step, state.params, state.batch_stats, exp.eval_dataset(),
+  metrics, bins = evaluate(eval_step, variables['params'], variables['batch_stats'],
+                           exp.eval_dataset(),
                            exp.mesh, config.eval.num_bins)
   return write_eval_report(workdir, step, metrics, bins)

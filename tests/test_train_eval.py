@@ -40,8 +40,8 @@ def _losses(workdir):
 def _restore_params(config, workdir):
   exp = Experiment.build(config)
   ckpt = Checkpointer(workdir, save_every=1, keep=1, read_only=True)
-  state = ckpt.restore_state(ckpt.latest_step(), exp.abstract_restore_target())
-  return jax.device_get(state.params)
+  variables = ckpt.restore_variables(ckpt.latest_step(), exp.abstract_restore_target())
+  return jax.device_get(variables['params'])
 
 
 def test_launch_main_one_step_train_then_eval(tmp_path):
@@ -139,3 +139,23 @@ def test_killed_during_save_keeps_last_checkpoint_loadable(tmp_path):
   config.train.eval_every = 0
   resumed = train_and_evaluate(config, str(tmp_path))
   assert resumed['step'] == result['step'] + 2
+
+
+def test_warm_start_takes_the_backbone_only(tmp_path):
+  source = str(tmp_path / 'source')
+  train_and_evaluate(_config(steps=2), source)
+  c = _config(steps=1)
+  c.train.init_from = source
+  c.optimizer.learning_rate = 0.0
+  c.optimizer.warmup_steps = 0
+  target = str(tmp_path / 'target')
+  train_and_evaluate(c, target)
+  src, tgt = _restore_params(_config(steps=2), source), _restore_params(c, target)
+  for a, b in zip(jax.tree.leaves(src['backbone']), jax.tree.leaves(tgt['backbone'])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(src['head']['loc_layer']['kernel'], tgt['head']['loc_layer']['kernel'])
+  bad = _config(steps=1)
+  bad.train.init_from = source
+  bad.train.init_prefixes = ('no_such_module',)
+  with pytest.raises(ValueError, match='nothing under'):
+    train_and_evaluate(bad, str(tmp_path / 'bad'))

@@ -60,9 +60,11 @@ class Checkpointer:
         read_only=read_only,
         create=not read_only,
     )
-    handlers = {'state': ocp.StandardCheckpointHandler()}
-    if not read_only:
-      handlers['data'] = grain.checkpoint.CheckpointHandler()
+    if read_only:  # evaluation: reads parts of the state
+      handlers = {'state': ocp.PyTreeCheckpointHandler()}
+    else:
+      handlers = {'state': ocp.StandardCheckpointHandler(),
+                  'data': grain.checkpoint.CheckpointHandler()}
     self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                           item_handlers=handlers)
 
@@ -83,10 +85,14 @@ class Checkpointer:
                               data=grain.checkpoint.CheckpointRestore(data_iterator))
     return self._manager.restore(step, args=args)['state']
 
-  def restore_state(self, step: int, abstract_state: Any) -> Any:
-    """Restores the train state only (evaluation): no data iterator needed."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    return self._manager.restore(step, args=args)['state']
+  def restore_variables(self, step: int, abstract_state: Any) -> dict:
+    """Restores only {'params', 'batch_stats'} (evaluation), into the abstract shardings;
+    the optimizer state is never read. Needs `read_only=True`."""
+    item = {'params': abstract_state.params, 'batch_stats': abstract_state.batch_stats}
+    restore = ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)
+    return self._manager.restore(step, args=ocp.args.Composite(state=restore))['state']
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)

@@ -22,6 +22,7 @@ from training.metric_writer import MetricWriter
 from training.mesh import batch_sharding
 from training.model import step_rngs
 from training.state import TrainState, create_state, param_count
+from training.warm_start import warm_start
 from training.workdir import WorkdirLock, save_config
 
 
@@ -123,6 +124,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = create_state(exp.model, exp.tx, exp.image_shape, exp.shardings,
                          jax.random.key(config.seed))
     start = 0
+    if config.train.init_from:
+      state, taken = warm_start(state, config.train.init_from, config.train.init_prefixes)
+      print(f'Initialised {len(taken)} arrays from {config.train.init_from}.', flush=True)
   else:
     state = ckpt.restore(start, exp.abstract_restore_target(), train_iter)
     logging.info('resumed from step %d', start)

@@ -1,0 +1,72 @@
+"""Initialise parts of a fresh model from another run's checkpoint (`train.init_from`).
+
+Used for fine-tuning and for LLC phase 2 (backbone + projection from phase 1). Parameters are
+matched by path ('backbone/...', 'head/projection/...'); only those under the requested
+prefixes are taken, and each must have the same shape as in the new model.
+"""
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from training.checkpointing import checkpoint_dir
+
+
+def load_variables(workdir: str, step: Optional[int] = None) -> dict:
+  """{'params', 'batch_stats'} of the latest (or given) checkpoint of `workdir`, on the host."""
+  ckpt_root = checkpoint_dir(workdir)
+  steps = sorted(int(s) for s in os.listdir(ckpt_root) if s.isdigit()) \
+      if os.path.isdir(ckpt_root) else []
+  if not steps:
+    raise FileNotFoundError(f'train.init_from: no checkpoint in {ckpt_root}; train that run first')
+  step = steps[-1] if step is None else step
+  path = os.path.join(ckpt_root, str(step), 'state')
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(path).item_metadata.tree
+  item = {k: saved[k] for k in ('params', 'batch_stats') if k in saved}
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=as_numpy, partial_restore=True))
+  return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
+
+
+def graft(target: dict, source: dict, prefixes: Sequence[str]) -> tuple[dict, list[str]]:
+  """Copies `source` leaves whose path starts with one of `prefixes` into `target`.
+
+  Returns (new target, paths taken). Fails if a prefix matches nothing or a shape differs.
+  """
+  flat_t = traverse_util.flatten_dict(target, sep='/')
+  flat_s = traverse_util.flatten_dict(source, sep='/')
+  taken = []
+  for prefix in prefixes:
+    matches = [p for p in flat_s if p == prefix or p.startswith(prefix + '/')]
+    if not matches:
+      raise ValueError(f'train.init_from: nothing under {prefix!r} in the source checkpoint')
+    for path in matches:
+      if path not in flat_t:
+        raise ValueError(f'train.init_from: {path} is not a parameter of the new model')
+      if np.shape(flat_t[path]) != np.shape(flat_s[path]):
+        raise ValueError(f'train.init_from: {path} has shape {np.shape(flat_s[path])} in the '
+                         f'source but {np.shape(flat_t[path])} in the new model')
+      flat_t[path] = flat_s[path]
+      taken.append(path)
+  return traverse_util.unflatten_dict(flat_t, sep='/'), taken
+
+
+def warm_start(state: Any, workdir: str, prefixes: Sequence[str]) -> Any:
+  """Returns `state` with params/batch_stats under `prefixes` taken from `workdir`."""
+  source = load_variables(workdir)
+  params, taken = graft(jax.device_get(state.params), source['params'], prefixes)
+  stats_prefixes = [p for p in prefixes if any(
+      k == p or k.startswith(p + '/')
+      for k in traverse_util.flatten_dict(source['batch_stats'], sep='/'))]
+  batch_stats = state.batch_stats
+  if stats_prefixes:
+    batch_stats, _ = graft(jax.device_get(state.batch_stats), source['batch_stats'],
+                           stats_prefixes)
+  place = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)
+  return state.replace(params=jax.tree.map(place, params, state.params),
+                       batch_stats=jax.tree.map(place, batch_stats, state.batch_stats)), taken
