@@ -109,18 +109,20 @@ class NoisyLabels:
 
 
 class Subset:
-  """The first `n` elements of a source."""
+  """A fixed, seeded random subset of `n` elements (in source order): an unbiased sample even
+  when the source is sorted by class, as packed datasets often are."""
 
-  def __init__(self, source: Any, n: int):
-    self._source, self._n = source, min(n, len(source))
+  def __init__(self, source: Any, n: int, seed: int = 0):
+    self._source = source
+    n = min(n, len(source))
+    rng = np.random.default_rng(seed)
+    self._indices = np.sort(rng.choice(len(source), n, replace=False))
 
   def __len__(self) -> int:
-    return self._n
+    return len(self._indices)
 
   def __getitem__(self, i: int) -> dict:
-    if not 0 <= i < self._n:
-      raise IndexError(i)
-    return self._source[i]
+    return self._source[int(self._indices[i])]
 
 
 @functools.lru_cache(maxsize=1)
