@@ -23,13 +23,19 @@ def preprocess(element: dict, rng: np.random.Generator | None, *, augment: str =
   """
   from input_pipeline import image_ops
   image = element['image']
-  if isinstance(image, (bytes, bytearray)):
-    image = image_ops.decode(image, channels=channels or 3)
+  encoded = isinstance(image, (bytes, bytearray))
   if augment == 'inception':
-    image = image_ops.random_resized_crop(image, image_size or image.shape[0], rng)
-  elif augment == 'cifar':
+    if not image_size:
+      raise ValueError("input.train_augment='inception' needs input.image_size")
+    if encoded:  # decodes only what the crop needs (JPEG draft mode): a big win on photos
+      image = image_ops.decode_and_random_crop(image, image_size, rng, channels=channels or 3)
+    else:
+      image = image_ops.random_resized_crop(image, image_size, rng)
+  elif encoded:
+    image = image_ops.decode(image, channels=channels or 3)
+  if augment == 'cifar':
     image = image_ops.pad_random_crop(image, 4, rng)
-  elif augment not in ('none', 'flip'):
+  elif augment not in ('none', 'flip', 'inception'):
     raise ValueError(f'unknown input.train_augment {augment!r}')
   if augment in ('flip', 'cifar', 'inception'):
     image = image_ops.random_flip(image, rng)
