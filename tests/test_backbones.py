@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 
 from backbones.registry import build_backbone
-from backbones.resnet import BasicBlock, BottleneckBlock, ResNet
+from backbones.resnet import BasicBlock, BottleneckBlock
 
 
 def _count(tree) -> int:
@@ -47,7 +47,7 @@ def test_param_count_matches_published(name, published):
 
 
 def test_resnet34_param_count_matches_torchvision():
-  variables = _abstract_init(ResNet(depth=34), (1, 224, 224, 3))
+  variables = _abstract_init(build_backbone('resnet34'), (1, 224, 224, 3))
   assert _count(variables['params']) == 21_797_672 - (512 * 1000 + 1000)
 
 
@@ -97,9 +97,10 @@ def test_resnet_stage_shapes(name, stem, size, first, last):
   module = build_backbone(name, stem=stem)
   x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
   variables = _abstract_init(module, x.shape)
+  is_block = lambda m, _: (m.name or '').startswith('stage')
   _, state = jax.eval_shape(
       lambda v, x: module.apply(v, x, train=False, mutable=['intermediates'],
-                                capture_intermediates=lambda m, _: (m.name or '').startswith('stage')),
+                                capture_intermediates=is_block),
       variables, x)
   blocks = state['intermediates']
   assert blocks['stage1_block0']['__call__'][0].shape == (2,) + first
@@ -155,8 +156,14 @@ def test_batchnorm_train_updates_stats_with_momentum(tiny_resnet):
 
 def test_batchnorm_eval_uses_running_stats(tiny_resnet):
   module, variables, x = tiny_resnet
-  out = module.apply(variables, x, train=False)  # mutating batch_stats here would raise
+  out, state = module.apply(variables, x, train=False, mutable=['intermediates'],
+                            capture_intermediates=lambda m, _: m.name in ('stem_conv', 'stem_bn'))
   np.testing.assert_array_equal(out, module.apply(variables, x, train=False))
+  # Oracle at init (running mean 0, var 1, scale 1, bias 0): BN(x) = x / sqrt(1 + eps).
+  captured = state['intermediates']
+  np.testing.assert_allclose(captured['stem_bn']['__call__'][0],
+                             captured['stem_conv']['__call__'][0] / np.sqrt(1 + 1e-5),
+                             rtol=1e-6, atol=1e-7)
   # Eval features of an example do not depend on the rest of the batch ...
   np.testing.assert_allclose(module.apply(variables, x[:2], train=False), out[:2],
                              rtol=1e-5, atol=1e-6)
@@ -171,8 +178,9 @@ def test_resnet_bf16_compute_float32_params_and_output(tiny_resnet):
   abstract = _abstract_init(module, x.shape)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(abstract))
   out, state = module.apply(variables, x, train=False, mutable=['intermediates'],
-                            capture_intermediates=lambda m, _: m.name == 'stem_conv')
+                            capture_intermediates=lambda m, _: m.name in ('stem_conv', 'stem_bn'))
   assert state['intermediates']['stem_conv']['__call__'][0].dtype == jnp.bfloat16
+  assert state['intermediates']['stem_bn']['__call__'][0].dtype == jnp.bfloat16
   assert out.dtype == jnp.float32 and out.shape == (4, 64)
   f32 = build_backbone('resnet18', stem='cifar', width=0.125).apply(variables, x, train=False)
   np.testing.assert_allclose(out, f32, rtol=0.1, atol=0.05)
@@ -211,70 +219,112 @@ def _tiny_vit(**kwargs):
   return build_backbone('vit_ti16', depth=2, **kwargs)
 
 
-@pytest.mark.parametrize('pool', ['token', 'gap'])
-def test_vit_small_image_forward(pool):
-  module = _tiny_vit(pool=pool, dtype=jnp.bfloat16)
-  x = _images((2, 32, 32, 3))
-  variables = _init(module, x)
-  tokens = 4 + (pool == 'token')
-  assert variables['params']['pos_embedding'].shape == (1, tokens, 192)
-  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
-  out = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
-  assert out.shape == (2, 192) and out.dtype == jnp.float32
-  assert np.all(np.isfinite(out))
-
-
-def test_vit_token_pool_reads_class_token():
+@pytest.fixture(scope='module')
+def tiny_vit():
+  """ViT-Ti/16 with 2 blocks and a class token, initialised on 32x32 images (2x2 patches)."""
   module = _tiny_vit()
   x = _images((2, 32, 32, 3))
-  variables = _init(module, x)
-  apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
-  out = apply(variables, x)
-  # The final LN normalises the class token: zero mean, unit variance per example (scale 1, bias 0).
+  return module, _init(module, x), x
+
+
+@pytest.mark.parametrize('pool,tokens', [('token', 5), ('gap', 4)])
+def test_vit_small_image_shapes(pool, tokens):
+  module = _tiny_vit(pool=pool)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  variables = _abstract_init(module, x.shape)
+  assert variables['params']['pos_embedding'].shape == (1, tokens, 192)
+  assert ('cls' in variables['params']) == (pool == 'token')
+  out = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, x)
+  assert out.shape == (2, 192) and out.dtype == jnp.float32
+
+
+def test_vit_gap_pool_averages_final_tokens():
+  module = build_backbone('vit_ti16', depth=1, pool='gap')
+  x = _images((2, 32, 32, 3))
+  out, state = module.apply(_init(module, x), x, train=False, mutable=['intermediates'],
+                            capture_intermediates=lambda m, _: m.name == 'ln_final')
+  tokens = state['intermediates']['ln_final']['__call__'][0]
+  assert tokens.shape == (2, 4, 192)
+  np.testing.assert_allclose(out, tokens.mean(axis=1), rtol=1e-6, atol=1e-6)
+
+
+def test_vit_token_pool_reads_normalised_class_token(tiny_vit):
+  module, variables, x = tiny_vit
+  out, state = module.apply(variables, x, train=False, mutable=['intermediates'],
+                            capture_intermediates=lambda m, _: m.name == 'ln_final')
+  assert out.shape == (2, 192) and out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, state['intermediates']['ln_final']['__call__'][0][:, 0])
+  # The final LN (scale 1, bias 0 at init) normalises the class token: mean 0, variance 1.
   np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-4)
   np.testing.assert_allclose(out.var(-1), 1.0, rtol=1e-3)
   # Position embeddings make the features depend on patch order.
-  swapped = jnp.concatenate([x[:, :, 16:], x[:, :, :16]], axis=2)
-  assert not np.allclose(apply(variables, swapped), out, atol=1e-4)
+  swapped = np.concatenate([x[:, :, 16:], x[:, :, :16]], axis=2)
+  assert not np.allclose(module.apply(variables, swapped, train=False), out, atol=1e-4)
+  # bf16 compute on the same float32 params stays close and returns float32.
+  bf16 = _tiny_vit(dtype=jnp.bfloat16).apply(variables, x, train=False)
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(bf16, out, atol=0.1)
 
 
-def test_vit_dropout_uses_dropout_rng_only_when_training():
+def test_vit_dropout_uses_dropout_rng_only_when_training(tiny_vit):
+  _, variables, x = tiny_vit
   module = _tiny_vit(dropout=0.5)
-  x = _images((2, 32, 32, 3))
-  variables = _init(module, x)
-  apply = jax.jit(lambda v, x, k: module.apply(v, x, train=True, rngs={'dropout': k}))
-  eval_out = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
-  a, b = apply(variables, x, _key(1)), apply(variables, x, _key(2))
+  apply = jax.jit(lambda k: module.apply(variables, x, train=True, rngs={'dropout': k}))
+  eval_out = module.apply(variables, x, train=False)
+  a, b = apply(_key(1)), apply(_key(2))
   assert not np.allclose(a, b) and not np.allclose(a, eval_out)
-  np.testing.assert_array_equal(a, apply(variables, x, _key(1)))
+  np.testing.assert_array_equal(a, apply(_key(1)))
   with pytest.raises(Exception, match='dropout'):
     module.apply(variables, x, train=True)
   # Rate 0 needs no rng even in train mode, and matches eval.
-  no_drop = _tiny_vit()
-  np.testing.assert_allclose(no_drop.apply(variables, x, train=True), eval_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_tiny_vit().apply(variables, x, train=True), eval_out,
+                             rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('shape', [(3, 8, 8, 1), (2, 32, 32, 3)])
-def test_convnet_forward(shape):
+def test_convnet_forward_on_digits_shape():
   module = build_backbone('convnet')
-  x = _images(shape)
+  x = _images((3, 8, 8, 1))
   variables = _init(module, x)
-  out = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
-  assert out.shape == (shape[0], 128) and out.dtype == jnp.float32
-  assert np.all(out >= 0)
-  assert build_backbone('convnet', features=16).apply(
-      _init(build_backbone('convnet', features=16), x), x, train=True).shape == (shape[0], 16)
+  out = module.apply(variables, x, train=False)
+  assert out.shape == (3, 128) and out.dtype == jnp.float32
+  assert np.all(out >= 0) and np.std(out) > 0
+  np.testing.assert_array_equal(module.apply(variables, x, train=True), out)
+
+
+@pytest.mark.parametrize('shape,features', [((2, 32, 32, 3), 128), ((2, 12, 12, 1), 16)])
+def test_convnet_other_sizes(shape, features):
+  module = build_backbone('convnet', features=features)
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  out = jax.eval_shape(lambda v, x: module.apply(v, x, train=True),
+                       _abstract_init(module, shape), x)
+  assert out.shape == (2, features) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('name,kwargs,size,dim', [
+    ('convnet', {}, 8, 128),
+    ('resnet18', {'width': 0.125}, 32, 64),
+    ('resnet50', {'stem': 'cifar', 'width': 0.125}, 8, 256),
+    ('vit_ti16', {'depth': 1}, 32, 192),
+    ('vit_s32', {'depth': 1, 'pool': 'gap'}, 64, 384),
+])
+def test_bf16_compute_keeps_float32_params_and_features(name, kwargs, size, dim):
+  module = build_backbone(name, dtype='bfloat16', **kwargs)
+  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  variables = _abstract_init(module, x.shape)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+  out = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, x)
+  assert out.shape == (2, dim) and out.dtype == jnp.float32
 
 
 def test_registry_names_and_kwargs():
   vit_names = {f'vit_{v}{p}' for v in ('ti', 's', 'b', 'l') for p in (16, 32)}
-  for name in vit_names | {'resnet18', 'resnet50', 'convnet'}:
+  for name in vit_names | {'resnet18', 'resnet34', 'resnet50', 'convnet'}:
     build_backbone(name)
   vit = build_backbone('vit_l32', dropout=0.1, dtype='bfloat16')
-  assert (vit.width, vit.depth, vit.num_heads, vit.mlp_dim, vit.patch_size) == (1024, 24, 16, 4096, 32)
+  dims = lambda m: (m.width, m.depth, m.num_heads, m.mlp_dim, m.patch_size)
+  assert dims(vit) == (1024, 24, 16, 4096, 32)
   assert vit.dropout == 0.1 and vit.dtype == jnp.bfloat16
-  s16 = build_backbone('vit_s16')
-  assert (s16.width, s16.depth, s16.num_heads, s16.mlp_dim, s16.patch_size) == (384, 12, 6, 1536, 16)
+  assert dims(build_backbone('vit_s16')) == (384, 12, 6, 1536, 16)
   resnet = build_backbone('resnet50', stem='cifar', width=0.5)
   assert (resnet.depth, resnet.stem, resnet.width) == (50, 'cifar', 0.5)
   with pytest.raises(ValueError, match=r"unknown backbone 'resnet101'.*'vit_b16'"):

@@ -1,0 +1,1 @@
+"""Image backbones sharing one interface: `module(images, *, train) -> features [B, D]`."""

@@ -1,0 +1,39 @@
+"""Backbone lookup by config name: the only place that knows which backbones exist.
+
+Every backbone is a Flax Linen module called as `module(images, *, train) -> features [B, D]`,
+images float [B, H, W, C] already normalised, features float32 whatever the compute `dtype`.
+"""
+import functools
+from typing import Callable, Dict
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from backbones.convnet import ConvNet
+from backbones.resnet import ResNet
+from backbones.vit import VARIANTS, ViT
+
+
+def _vit(variant: str, patch_size: int, **kwargs) -> nn.Module:
+  width, depth, num_heads, mlp_dim = VARIANTS[variant]
+  fields = dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                patch_size=patch_size)
+  return ViT(**{**fields, **kwargs})
+
+
+_BACKBONES: Dict[str, Callable[..., nn.Module]] = {
+    'convnet': ConvNet,
+    'resnet18': functools.partial(ResNet, depth=18),
+    'resnet34': functools.partial(ResNet, depth=34),
+    'resnet50': functools.partial(ResNet, depth=50),
+    **{f'vit_{v.lower()}{p}': functools.partial(_vit, v, p) for v in VARIANTS for p in (16, 32)},
+}
+
+
+def build_backbone(name: str, **kwargs) -> nn.Module:
+  """Returns the backbone registered under `name`; kwargs override its fields (str dtype ok)."""
+  if name not in _BACKBONES:
+    raise ValueError(f'unknown backbone {name!r}; known backbones: {sorted(_BACKBONES)}')
+  if isinstance(kwargs.get('dtype'), str):
+    kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+  return _BACKBONES[name](**kwargs)
