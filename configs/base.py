@@ -37,6 +37,7 @@ def base_config() -> ConfigDict:
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'test'
   c.dataset.num_classes = 10
+  c.dataset.classes = ()           # keep only these class ids (relabelled 0..n-1); () = all
   c.dataset.image_size = 8         # synthetic: side of generated images
   c.dataset.channels = 1           # synthetic: channels of generated images
   c.dataset.num_examples = 0       # synthetic: examples per split

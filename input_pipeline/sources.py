@@ -125,6 +125,25 @@ class Subset:
     return self._source[int(self._indices[i])]
 
 
+class ClassSubset:
+  """Only the examples of `classes` (dataset class ids), relabelled to their position in it
+  (or keeping their labels with `relabel=False`)."""
+
+  def __init__(self, source: Any, classes: Sequence[int], relabel: bool = True):
+    relabel = {int(c): (i if relabel else int(c)) for i, c in enumerate(classes)}
+    labels = np.array([source[i]['label'] for i in range(len(source))])
+    self._source, self._relabel = source, relabel
+    self._indices = np.flatnonzero(np.isin(labels, list(relabel)))
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int) -> dict:
+    example = dict(self._source[int(self._indices[i])])
+    example['label'] = self._relabel[int(example['label'])]
+    return example
+
+
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple:
   from sklearn.datasets import load_digits
@@ -184,6 +203,9 @@ def build_source(ds: ml_collections.ConfigDict, split: str, seed: int,
     names = tuple(f'class_{k}' for k in range(ds.num_classes))
   else:
     raise ValueError(f"unknown dataset.name {ds.name!r}: use digits, arrayrecord, tfds or synthetic")
+  if ds.classes:
+    source = ClassSubset(source, ds.classes)
+    names = tuple(names[c] for c in ds.classes) if names else ()
   if names and len(names) != ds.num_classes:
     raise ValueError(f'dataset has {len(names)} classes but config.dataset.num_classes = '
                      f'{ds.num_classes}')

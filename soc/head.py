@@ -57,30 +57,36 @@ class SOCHead(nn.Module):
   label_smoothing: float = 0.1
   link = 'softmax'
 
-  def embed(self, x: jax.Array) -> jax.Array:
-    return nn.Dense(self.dims, name='projection')(x)
-
-  def class_parameters(self) -> tuple[jax.Array, Optional[jax.Array]]:
+  def setup(self):
+    self.projection = nn.Dense(self.dims)
     bound = float(np.sqrt(0.3 / self.dims))
-    means = self.param('class_means', class_sharded(
+    self.class_means = self.param('class_means', class_sharded(
         lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound), class_axis=0),
         (self.num_classes, self.dims))
-    scales = None
+    self.class_scales = None
     if self.learn_scale:
-      scales = self.param('class_scales', class_sharded(nn.initializers.ones, class_axis=0),
-                          (self.num_classes, self.dims))
-    return means, scales
+      self.class_scales = self.param(
+          'class_scales', class_sharded(nn.initializers.ones, class_axis=0),
+          (self.num_classes, self.dims))
 
-  @nn.compact
+  def embed(self, x: jax.Array) -> jax.Array:
+    """Backbone features [B, D] -> class-embedding space [B, m]."""
+    return self.projection(x)
+
   def __call__(self, x: jax.Array, labels: Optional[jax.Array] = None, *,
                train: bool = False) -> HeadOutput:
-    z = self.embed(x)
-    means, scales = self.class_parameters()
-    logits = gaussian_log_density(z, means, scales)
+    logits = gaussian_log_density(self.embed(x), self.class_means, self.class_scales)
     if labels is None:
       return HeadOutput(logits, None)
-    image_term = softmax_cross_entropy(logits, labels, self.label_smoothing)
-    class_logits = gaussian_log_density(means, means, scales)
-    class_term = softmax_cross_entropy(class_logits, jnp.arange(self.num_classes),
-                                       self.label_smoothing).mean()
-    return HeadOutput(logits, (image_term + class_term) / 2.0)
+    return HeadOutput(logits, soc_loss(logits, labels, self.class_means, self.class_scales,
+                                       self.label_smoothing))
+
+
+def soc_loss(logits: jax.Array, labels: jax.Array, means: jax.Array,
+             scales: Optional[jax.Array], label_smoothing: float) -> jax.Array:
+  """Per-example (CE(image logits, y) + CE(class-mean logits, arange(K))) / 2."""
+  image_term = softmax_cross_entropy(logits, labels, label_smoothing)
+  class_logits = gaussian_log_density(means, means, scales)
+  class_term = softmax_cross_entropy(class_logits, jnp.arange(means.shape[0]),
+                                     label_smoothing).mean()
+  return (image_term + class_term) / 2.0

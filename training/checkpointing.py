@@ -75,9 +75,12 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_iterator: Any, *, force: bool = False) -> bool:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(data_iterator))
-    return self._manager.save(step, args=args, force=force)
+    """Saves state and (unless None) the iterator position; a checkpoint without the latter
+    evaluates but cannot resume training."""
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """Restores state into `abstract_state`'s shardings and the iterator in place."""

@@ -21,11 +21,14 @@ class Classifier(nn.Module):
   mean: Sequence[float] = (0.5,)
   std: Sequence[float] = (0.5,)
 
+  def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    """Backbone features [B, D] of uint8 images."""
+    x = (images.astype(jnp.float32) / 255.0 - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+    return self.backbone(x, train=train)
+
   def __call__(self, images: jax.Array, labels: Optional[jax.Array] = None, *,
                train: bool = False) -> HeadOutput:
-    x = (images.astype(jnp.float32) / 255.0 - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-    features = self.backbone(x, train=train)
-    return self.head(features, labels, train=train)
+    return self.head(self.features(images, train=train), labels, train=train)
 
 
 def build_model(config: ml_collections.ConfigDict) -> Classifier:
