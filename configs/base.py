@@ -139,6 +139,7 @@ def cifar_recipe(c: ConfigDict, epochs: int = 30, batch_size: int = 128) -> Conf
   c.input.num_workers = 2
   c.model.backbone = 'resnet18'
   c.model.backbone_kwargs.stem = 'cifar'
+  c.model.backbone_kwargs.width = 1.0
   c.optimizer.name = 'adam'
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 200
