@@ -157,3 +157,47 @@ def runlocal_small_backbone(c: ConfigDict) -> ConfigDict:
   elif c.model.backbone.startswith('vit'):
     c.model.backbone_kwargs.update(dict(width=64, depth=1, num_heads=2, mlp_dim=128))
   return c
+
+
+def hetxl_head(c: ConfigDict, *, kind: str = 'hetxl', num_factors: int, link: str = 'softmax',
+               parameter_efficient: bool = False, train_samples: int = 1000,
+               eval_samples: int = 1000, chunk: int = 128, temperature: float = 1.0,
+               learn_temperature: bool = True, bounds: tuple = (0.05, 5.0),
+               bias_init: float = 0.0) -> ConfigDict:
+  """Sets a HET ('het') or HET-XL ('hetxl') head with every option it has."""
+  c.model.head = kind
+  c.model.head_kwargs = ConfigDict(dict(
+      num_factors=num_factors, link=link, parameter_efficient=parameter_efficient,
+      train_mc_samples=train_samples, eval_mc_samples=eval_samples, mc_chunk_size=chunk,
+      temperature=temperature, learn_temperature=learn_temperature,
+      temperature_bounds=tuple(bounds), head_bias_init=bias_init, diag_noise='independent',
+      share_samples_across_batch=False, compute_dtype='float32'))
+  return c
+
+
+def det_head(c: ConfigDict, *, link: str = 'softmax', bias_init: float = 0.0) -> ConfigDict:
+  """The deterministic head of a HET/HET-XL config's `det` variant: same link and bias."""
+  c.model.head = 'softmax'
+  c.model.head_kwargs = ConfigDict(dict(link=link, bias_init=bias_init))
+  return c
+
+
+def runlocal_mc(c: ConfigDict, samples: int = 8, chunk: int = 4) -> ConfigDict:
+  """Fewer Monte-Carlo samples for `:runlocal`."""
+  if 'train_mc_samples' in c.model.head_kwargs:
+    c.model.head_kwargs.train_mc_samples = samples
+    c.model.head_kwargs.eval_mc_samples = samples
+    c.model.head_kwargs.mc_chunk_size = chunk
+  return c
+
+
+def synthetic_stand_in(c: ConfigDict, size: int = 32) -> ConfigDict:
+  """A seeded synthetic source with the config's class count (private data, benchmarks)."""
+  c.dataset.name = 'synthetic'
+  c.dataset.image_size = size
+  c.dataset.channels = 3
+  c.dataset.num_examples = 512
+  c.input.image_size = 0
+  c.input.train_augment = 'none'
+  c.input.eval_preprocess = 'none'
+  return c

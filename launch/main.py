@@ -9,6 +9,7 @@ distributed runtime is initialised from the environment the cluster sets.
 """
 import json
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -44,13 +45,21 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   config = _CONFIG.value
-  if _MODE.value == 'train':
-    from training.loop import train_and_evaluate
-    train_and_evaluate(config, _WORKDIR.value)
-  else:
-    from evaluation.from_checkpoint import evaluate_checkpoint
-    record = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
-    print(json.dumps(record), flush=True)
+  from training.checkpointing import IncompatibleCheckpointError
+  from training.workdir import WorkdirInUseError
+  try:
+    if _MODE.value == 'train':
+      from training.loop import train_and_evaluate
+      train_and_evaluate(config, _WORKDIR.value)
+    else:
+      from evaluation.from_checkpoint import evaluate_checkpoint
+      record = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+      print(json.dumps(record), flush=True)
+  except (FileNotFoundError, IncompatibleCheckpointError, WorkdirInUseError,
+          FloatingPointError) as e:
+    # A problem with the inputs, not a bug: the message says what to do; no traceback.
+    logging.error('%s: %s', type(e).__name__, e)
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

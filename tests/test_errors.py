@@ -81,3 +81,11 @@ def test_batch_not_divisible_by_data_axis(tmp_path):
   c.input.batch_size = 12  # 8 fake devices on the data axis
   with pytest.raises(ValueError, match='not divisible by the data axis'):
     train_and_evaluate(c, str(tmp_path))
+
+
+def test_private_dataset_config_stops_with_a_message(tmp_path):
+  from tests.helpers import run_main
+  proc = run_main('--config=configs/hetxl_jft.py', f'--workdir={tmp_path}', check=False)
+  assert proc.returncode == 1
+  assert 'JFT-4B is not public' in proc.stderr
+  assert 'Traceback' not in proc.stderr
