@@ -176,6 +176,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       extra = ''.join(f' | {k} {float(v):.4f}' for k, v in jax.device_get(metrics).items()
                       if k not in ('loss', 'accuracy', 'grad_norm', 'learning_rate',
                                    'params_finite'))
+      writer.write(step, {'perf/steps_per_sec': rate,
+                          'perf/images_per_sec': rate * config.input.batch_size})
       print(f'step {step}/{num_steps} | loss {loss:.4f}{extra} | {rate:.2f} steps/s | '
             f'{rate * config.input.batch_size:.0f} img/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}',
             flush=True)

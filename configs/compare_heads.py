@@ -1,0 +1,71 @@
+r"""One backbone and one recipe per dataset, any head: the side-by-side comparison.
+
+  python -m launch.main --config=configs/compare_heads.py:dataset=cifar10,head=hetxl --workdir=...
+  python benchmarks/quality.py --dataset=cifar10      # every head, one table (see there)
+
+Arguments: dataset = cifar10 | caltech101 (prepared by `launch.prepare_data`, see README);
+head = det | het | hetxl | soc (10 dims) | socN (N dims) | llc (LLC phase 1: the learnt-codebook
+classifier);
+noise = fraction of training labels flipped, noise_kind = symmetric | class_dependent;
+epochs; width (ResNet-18 channel multiplier, 1.0 = the real ResNet-18); runlocal.
+Recipe: ResNet-18 (CIFAR stem on 32 px CIFAR-10, ImageNet stem on 64 px Caltech-101), Adam 1e-3
+with warmup + cosine, batch 128, pad-crop + flip. Heads: HET and HET-XL with R = 6 (CIFAR-10)
+or 16 (Caltech-101) factors, S = 100 train / 1000 eval samples, temperature learnt in
+[0.05, 5.0]; SOC with 10 dims; LLC with ceil(2 log2 K) bits. These are our choices.
+Expected: all heads within a few points of accuracy of DET on clean labels; the differences are
+in NLL and ECE. BENCHMARKS.md has the measured table.
+"""
+import math
+
+from configs import base
+
+DATASETS = {'cifar10': (50_000, 'cifar', 6), 'caltech101': (5_784, 'imagenet', 16)}
+
+
+def get_config(arg: str | None = None) -> base.ConfigDict:
+  args = base.parse_arg(arg, ['dataset', 'head', 'noise', 'noise_kind', 'epochs', 'width',
+                              'runlocal'])
+  dataset, head = args.get('dataset', 'cifar10'), args.get('head', 'det')
+  if dataset not in DATASETS:
+    raise ValueError(f'dataset must be one of {sorted(DATASETS)}, got {dataset!r}')
+  train_size, stem, factors = DATASETS[dataset]
+  epochs, batch = int(args.get('epochs', 30)), 128
+  c = base.base_config()
+  base.prepared_dataset(c, dataset)
+  c.input.batch_size = batch
+  c.input.eval_batch_size = 500
+  c.input.train_augment = 'cifar'
+  c.input.mean = (0.4914, 0.4822, 0.4465)
+  c.input.std = (0.2470, 0.2435, 0.2616)
+  c.input.num_workers = 1
+  c.model.backbone = 'resnet18'
+  c.model.backbone_kwargs.stem = stem
+  c.model.backbone_kwargs.width = float(args.get('width', 1.0))
+  k = c.dataset.num_classes
+  if head == 'det':
+    base.det_head(c)
+  elif head in ('het', 'hetxl'):
+    base.hetxl_head(c, kind=head, num_factors=factors, train_samples=100, eval_samples=1000,
+                    chunk=100)
+  elif head.startswith('soc'):  # soc = 10 dims, socN = N dims
+    c.model.head = 'soc'
+    c.model.head_kwargs.dims = int(head[3:] or 10)
+  elif head == 'llc':
+    c.model.head = 'llc_codebook'
+    c.model.head_kwargs.bits = math.ceil(2 * math.log2(k))
+  else:
+    raise ValueError(f'head must be det, het, hetxl, soc or llc, got {head!r}')
+  c.dataset.label_noise = float(args.get('noise', 0.0))
+  c.dataset.label_noise_kind = args.get('noise_kind', 'symmetric')
+  c.optimizer.name = 'adam'
+  c.optimizer.learning_rate = 1e-3
+  steps_per_epoch = train_size // batch
+  c.optimizer.warmup_steps = min(200, steps_per_epoch)
+  c.train.num_steps = epochs * steps_per_epoch
+  c.train.log_every = 50
+  c.train.eval_every = 0
+  c.train.checkpoint_every = steps_per_epoch * 5
+  if 'runlocal' in args:
+    base.runlocal_small_backbone(base.runlocal(c))
+    base.runlocal_mc(c)
+  return c
