@@ -108,17 +108,17 @@ def runlocal(c: ConfigDict) -> ConfigDict:
 
 
 PREPARED = {
-    # name: (num_classes, channels, stored image size, prepare command)
-    'cifar10': (10, 3, 32, 'python -m launch.prepare_data --source=cifar10_npz '
-                           '--input_dir=../shared/data --out=.data/cifar10'),
-    'caltech101': (101, 3, 64, 'python -m launch.prepare_data --source=caltech101_npz '
-                               '--input_dir=../shared/data --out=.data/caltech101'),
+    # name: (num_classes, channels, stored image size, training examples, prepare command)
+    'cifar10': (10, 3, 32, 50_000, 'python -m launch.prepare_data --source=cifar10_npz '
+                                   '--input_dir=../shared/data --out=.data/cifar10'),
+    'caltech101': (101, 3, 64, 5_784, 'python -m launch.prepare_data --source=caltech101_npz '
+                                      '--input_dir=../shared/data --out=.data/caltech101'),
 }
 
 
 def prepared_dataset(c: ConfigDict, name: str, data_dir: str = '') -> ConfigDict:
   """Points `c.dataset` at ArrayRecord shards written by `launch.prepare_data`."""
-  num_classes, channels, size, command = PREPARED[name]
+  num_classes, channels, size, _, command = PREPARED[name]
   c.dataset.name = 'arrayrecord'
   c.dataset.data_dir = data_dir or f'.data/{name}'
   c.dataset.num_classes = num_classes
@@ -128,9 +128,12 @@ def prepared_dataset(c: ConfigDict, name: str, data_dir: str = '') -> ConfigDict
   return c
 
 
-def cifar_recipe(c: ConfigDict, epochs: int = 30, batch_size: int = 128) -> ConfigDict:
-  """ResNet-18 (CIFAR stem) on 32x32 CIFAR-10: pad-crop + flip, Adam 1e-3 cosine."""
-  prepared_dataset(c, 'cifar10')
+def small_image_recipe(c: ConfigDict, dataset: str = 'cifar10', epochs: int = 30,
+                       batch_size: int = 128, stem: str = 'cifar') -> ConfigDict:
+  """ResNet-18 on a prepared small-image dataset (32 px CIFAR-10, 64 px Caltech-101):
+  pad-crop + flip, Adam 1e-3 with warmup and cosine decay."""
+  prepared_dataset(c, dataset)
+  steps_per_epoch = PREPARED[dataset][3] // batch_size
   c.input.batch_size = batch_size
   c.input.eval_batch_size = 500
   c.input.train_augment = 'cifar'
@@ -138,15 +141,15 @@ def cifar_recipe(c: ConfigDict, epochs: int = 30, batch_size: int = 128) -> Conf
   c.input.std = (0.2470, 0.2435, 0.2616)
   c.input.num_workers = 2
   c.model.backbone = 'resnet18'
-  c.model.backbone_kwargs.stem = 'cifar'
+  c.model.backbone_kwargs.stem = stem
   c.model.backbone_kwargs.width = 1.0
   c.optimizer.name = 'adam'
   c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 200
-  c.train.num_steps = epochs * 50_000 // batch_size
+  c.optimizer.warmup_steps = min(200, steps_per_epoch)
+  c.train.num_steps = epochs * steps_per_epoch
   c.train.log_every = 100
-  c.train.eval_every = 50_000 // batch_size * 5
-  c.train.checkpoint_every = 50_000 // batch_size
+  c.train.eval_every = steps_per_epoch * 5
+  c.train.checkpoint_every = steps_per_epoch
   return c
 
 
@@ -172,6 +175,48 @@ def hetxl_head(c: ConfigDict, *, kind: str = 'hetxl', num_factors: int, link: st
       temperature=temperature, learn_temperature=learn_temperature,
       temperature_bounds=tuple(bounds), head_bias_init=bias_init, diag_noise='independent',
       share_samples_across_batch=False, compute_dtype='float32'))
+  return c
+
+
+def vit_pretraining(c: ConfigDict, *, backbone: str, num_classes: int, setup_hint: str,
+                    learning_rate: float, num_steps: int) -> ConfigDict:
+  """Large-scale ViT pre-training on a private / prepared ArrayRecord dataset (JFT, ImageNet-21k):
+  224 px inception crop, bf16, batch 4096, AdamW wd 0.1, clip 1.0, 10k warmup then cosine."""
+  c.dataset.name = 'arrayrecord'
+  c.dataset.data_dir = ''
+  c.dataset.num_classes = num_classes
+  c.dataset.channels = 3
+  c.dataset.eval_split = 'validation'
+  c.dataset.setup_hint = setup_hint
+  c.input.batch_size = 4096
+  c.input.eval_batch_size = 4096
+  c.input.image_size = 224
+  c.input.train_augment = 'inception'
+  c.input.eval_preprocess = 'center_crop'
+  c.input.num_workers = 16
+  c.model.backbone = backbone
+  c.model.dtype = 'bfloat16'
+  c.optimizer.name = 'adamw'
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.grad_clip_norm = 1.0
+  c.optimizer.warmup_steps = 10_000
+  c.train.num_steps = num_steps
+  c.train.log_every = 100
+  c.train.checkpoint_every = 5_000
+  return c
+
+
+def runlocal_stand_in(c: ConfigDict) -> ConfigDict:
+  """`:runlocal` for the large-scale configs: synthetic data with the same class count, a
+  tiny backbone, few MC samples, float32."""
+  synthetic_stand_in(c)
+  runlocal_small_backbone(runlocal(c))
+  runlocal_mc(c)
+  c.model.dtype = 'float32'
+  if 'compute_dtype' in c.model.head_kwargs:
+    c.model.head_kwargs.compute_dtype = 'float32'
+  c.dataset.eval_split = 'test'
   return c
 
 

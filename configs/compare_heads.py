@@ -19,7 +19,7 @@ import math
 
 from configs import base
 
-DATASETS = {'cifar10': (50_000, 'cifar', 6), 'caltech101': (5_784, 'imagenet', 16)}
+DATASETS = {'cifar10': ('cifar', 6), 'caltech101': ('imagenet', 16)}  # stem, HET factors
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
@@ -28,18 +28,10 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   dataset, head = args.get('dataset', 'cifar10'), args.get('head', 'det')
   if dataset not in DATASETS:
     raise ValueError(f'dataset must be one of {sorted(DATASETS)}, got {dataset!r}')
-  train_size, stem, factors = DATASETS[dataset]
-  epochs, batch = int(args.get('epochs', 30)), 128
-  c = base.base_config()
-  base.prepared_dataset(c, dataset)
-  c.input.batch_size = batch
-  c.input.eval_batch_size = 500
-  c.input.train_augment = 'cifar'
-  c.input.mean = (0.4914, 0.4822, 0.4465)
-  c.input.std = (0.2470, 0.2435, 0.2616)
+  stem, factors = DATASETS[dataset]
+  c = base.small_image_recipe(base.base_config(), dataset, epochs=int(args.get('epochs', 30)),
+                              batch_size=128, stem=stem)
   c.input.num_workers = 1
-  c.model.backbone = 'resnet18'
-  c.model.backbone_kwargs.stem = stem
   c.model.backbone_kwargs.width = float(args.get('width', 1.0))
   k = c.dataset.num_classes
   if head == 'det':
@@ -57,14 +49,8 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
     raise ValueError(f'head must be det, het, hetxl, soc or llc, got {head!r}')
   c.dataset.label_noise = float(args.get('noise', 0.0))
   c.dataset.label_noise_kind = args.get('noise_kind', 'symmetric')
-  c.optimizer.name = 'adam'
-  c.optimizer.learning_rate = 1e-3
-  steps_per_epoch = train_size // batch
-  c.optimizer.warmup_steps = min(200, steps_per_epoch)
-  c.train.num_steps = epochs * steps_per_epoch
   c.train.log_every = 50
   c.train.eval_every = 0
-  c.train.checkpoint_every = steps_per_epoch * 5
   if 'runlocal' in args:
     base.runlocal_small_backbone(base.runlocal(c))
     base.runlocal_mc(c)

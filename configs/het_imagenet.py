@@ -53,9 +53,5 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c.train.eval_every = 10 * steps_per_epoch
   c.train.checkpoint_every = steps_per_epoch
   if 'runlocal' in args:
-    base.synthetic_stand_in(c)
-    base.runlocal_small_backbone(base.runlocal(c))
-    base.runlocal_mc(c)
-    c.model.dtype = 'float32'
-    c.dataset.eval_split = 'test'
+    base.runlocal_stand_in(c)
   return c

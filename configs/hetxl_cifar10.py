@@ -19,7 +19,7 @@ from configs import base
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, ['det', 'het', 'noise', 'noise_kind', 'runlocal'])
-  c = base.cifar_recipe(base.base_config(), epochs=30, batch_size=128)
+  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128)
   if 'det' in args:
     base.det_head(c)
   else:

@@ -20,42 +20,18 @@ NUM_CLASSES = 21_843
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, ['det', 'runlocal'])
   c = base.base_config()
-  c.dataset.name = 'arrayrecord'
-  c.dataset.data_dir = ''
-  c.dataset.num_classes = NUM_CLASSES
-  c.dataset.channels = 3
-  c.dataset.eval_split = 'validation'
-  c.dataset.setup_hint = ('Prepare ImageNet-21k with `python -m launch.prepare_data '
-                          '--source=folder --input_dir=ROOT --out=DIR` and pass '
-                          '--config.dataset.data_dir=DIR.')
-  c.input.batch_size = 4096
-  c.input.eval_batch_size = 4096
-  c.input.image_size = 224
-  c.input.train_augment = 'inception'
-  c.input.eval_preprocess = 'center_crop'
-  c.input.num_workers = 16
-  c.model.backbone = 'vit_b16'
-  c.model.dtype = 'bfloat16'
+  base.vit_pretraining(
+      c, backbone='vit_b16', num_classes=NUM_CLASSES, learning_rate=1e-3,
+      num_steps=90 * 13_000_000 // 4096,
+      setup_hint=('Prepare ImageNet-21k with `python -m launch.prepare_data --source=folder '
+                  '--input_dir=ROOT --out=DIR` and pass --config.dataset.data_dir=DIR.'))
   if 'det' in args:
     base.det_head(c, link='sigmoid', bias_init=-10.0)
   else:
     base.hetxl_head(c, num_factors=50, link='sigmoid', parameter_efficient=True,
                     chunk=100, bias_init=-10.0)
     c.model.head_kwargs.compute_dtype = 'bfloat16'
-  c.optimizer.name = 'adamw'
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.weight_decay = 0.1
-  c.optimizer.grad_clip_norm = 1.0
-  c.optimizer.warmup_steps = 10_000
-  c.train.num_steps = 90 * 13_000_000 // 4096
-  c.train.log_every = 100
   c.train.eval_every = 10_000
-  c.train.checkpoint_every = 5_000
   if 'runlocal' in args:
-    base.synthetic_stand_in(c)
-    base.runlocal_small_backbone(base.runlocal(c))
-    base.runlocal_mc(c)
-    c.model.dtype = 'float32'
-    c.model.head_kwargs.compute_dtype = 'float32'
-    c.dataset.eval_split = 'test'
+    base.runlocal_stand_in(c)
   return c

@@ -26,23 +26,12 @@ NUM_CLASSES = 29_593
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, ['det', 'runlocal'])
   c = base.base_config()
-  c.dataset.name = 'arrayrecord'
-  c.dataset.data_dir = ''
-  c.dataset.num_classes = NUM_CLASSES
-  c.dataset.channels = 3
-  c.dataset.eval_split = 'validation'
-  c.dataset.setup_hint = (
-      'JFT-4B is not public. Convert your copy with `python -m launch.prepare_data '
-      '--source=folder|tfds:NAME --out=DIR` and pass --config.dataset.data_dir=DIR; '
-      'or run `:runlocal` for a synthetic stand-in.')
-  c.input.batch_size = 4096
-  c.input.eval_batch_size = 4096
-  c.input.image_size = 224
-  c.input.train_augment = 'inception'
-  c.input.eval_preprocess = 'center_crop'
-  c.input.num_workers = 16
-  c.model.backbone = 'vit_l32'
-  c.model.dtype = 'bfloat16'
+  base.vit_pretraining(
+      c, backbone='vit_l32', num_classes=NUM_CLASSES, learning_rate=6e-4,
+      num_steps=1_000_000,  # ~1 epoch of JFT-4B at batch 4096
+      setup_hint=('JFT-4B is not public. Convert your copy with `python -m launch.prepare_data '
+                  '--source=folder|tfds:NAME --out=DIR` and pass --config.dataset.data_dir=DIR; '
+                  'or run `:runlocal` for a synthetic stand-in.'))
   if 'det' in args:
     base.det_head(c, link='sigmoid', bias_init=-10.0)
   else:
@@ -50,21 +39,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
                     train_samples=1000, eval_samples=1000, chunk=100, bounds=(0.05, 5.0),
                     bias_init=-10.0)
     c.model.head_kwargs.compute_dtype = 'bfloat16'
-  c.optimizer.name = 'adamw'
-  c.optimizer.learning_rate = 6e-4
-  c.optimizer.weight_decay = 0.1
-  c.optimizer.grad_clip_norm = 1.0
-  c.optimizer.warmup_steps = 10_000
-  c.train.num_steps = 1_000_000       # ~1 epoch of JFT-4B at batch 4096
-  c.train.log_every = 100
   c.train.eval_every = 20_000
-  c.train.checkpoint_every = 5_000
-  c.mesh.shape = (-1, 1)
   if 'runlocal' in args:
-    base.synthetic_stand_in(c)
-    base.runlocal_small_backbone(base.runlocal(c))
-    base.runlocal_mc(c)
-    c.model.dtype = 'float32'
-    c.model.head_kwargs.compute_dtype = 'float32'
-    c.dataset.eval_split = 'test'
+    base.runlocal_stand_in(c)
   return c

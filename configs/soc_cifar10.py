@@ -14,7 +14,7 @@ from configs import base
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, ['dims', 'det', 'learn_scale', 'runlocal'])
-  c = base.cifar_recipe(base.base_config(), epochs=30, batch_size=128)
+  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128)
   if 'det' in args:
     c.model.head = 'softmax'
   else:
