@@ -1,0 +1,164 @@
+r"""LLC evaluation of a trained workdir: export phase 1's codebook, decode phase 2's codes.
+
+  python -m llc.evaluate --config=configs/llc_caltech101.py:phase=1,bits=10 --workdir=P1
+  python -m llc.evaluate --config=configs/llc_caltech101.py:phase=2,bits=10,phase1=P1 \
+      --workdir=P2 [--phase1_workdir=P1] [--step=N]
+
+Restores the checkpoint (params + batch_stats only) and runs the eval split once.
+Phase 1 (head `llc_codebook`): writes the real codebook C [L, k] to `P1/codebook.npy` (what
+phase 2 reads; B = sign of it) and reports unique codes, the minimum Hamming distance between
+class codes and the class-code accuracy (argmax of z @ B^T, z real).
+Phase 2 (head `llc_instance`): instance code = (o >= 0); decodes against the codebook saved in
+the checkpoint, or `--phase1_workdir`'s codebook.npy, and reports `llc.codes.llc_metrics`
+(strict ED accuracy, lenient ED accuracy = the reference's rule, ambiguous / no-match rates, MHD
+accuracy and tie rate, bits right, unique codes) plus `logit_accuracy` (argmax of the code
+log-likelihood logits, what the shared evaluator's accuracy is).
+Prints one JSON line and writes it to `<workdir>/llc_eval.json`. Runs as one process.
+"""
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from input_pipeline.pipeline import device_batches
+from llc import codebook_io, codes
+from training.checkpointing import Checkpointer, check_signature, checkpoint_dir
+from training.experiment import Experiment
+from training.mesh import batch_sharding
+
+EVAL_FILE = 'llc_eval.json'
+PHASES = {'llc_codebook': 1, 'llc_instance': 2}
+MAX_PAIRWISE_CLASSES = 50_000   # min_class_distance is O(L^2); skipped (None) above this
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str,
+            step: Optional[int] = None) -> tuple[Experiment, dict, int]:
+  """(experiment, {'params', 'batch_stats'} on the current mesh, step) of a workdir."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise FileNotFoundError(f'no checkpoints in {workdir}: train it first with launch.main')
+  exp = Experiment.build(config)
+  check_signature(workdir, exp.abstract_state.params)
+  ckpt = Checkpointer(workdir, save_every=1, keep=1, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'no complete checkpoint in {checkpoint_dir(workdir)}')
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise ValueError(f'no checkpoint for step {step} in {workdir}; available: {sorted(steps)}')
+  variables = ckpt.restore_variables(step, exp.abstract_restore_target())
+  ckpt.close()
+  return exp, variables, step
+
+
+def collect_codes(exp: Experiment, variables: dict) -> dict:
+  """One pass over the eval split: real codes [N, k] (z or o), argmax of the logits [N] and
+  labels [N], padding removed."""
+  model = exp.model
+
+  def step(params, batch_stats, batch):
+    out, state = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
+                             train=False, mutable=['intermediates'])
+    return {'codes': state['intermediates']['head']['codes'][0],
+            'prediction': out.logits.argmax(-1), 'label': batch['label'], 'mask': batch['mask']}
+
+  step = jax.jit(step, in_shardings=(exp.shardings.params, exp.shardings.batch_stats,
+                                     batch_sharding(exp.mesh)),
+                 out_shardings=NamedSharding(exp.mesh, P()))
+  columns = {k: [] for k in ('codes', 'prediction', 'label', 'mask')}
+  for batch in device_batches(iter(exp.eval_dataset()), batch_sharding(exp.mesh)):
+    out = jax.device_get(step(variables['params'], variables['batch_stats'], batch))
+    for k in columns:
+      columns[k].append(np.asarray(out[k]))
+  c = {k: np.concatenate(v) for k, v in columns.items()}
+  keep = c.pop('mask') > 0
+  return {k: v[keep] for k, v in c.items()}
+
+
+def min_class_distance(class_bits: np.ndarray) -> Optional[int]:
+  """Smallest Hamming distance between two classes' codes (0 when codes collide); None for
+  more than MAX_PAIRWISE_CLASSES classes."""
+  if class_bits.shape[0] > MAX_PAIRWISE_CLASSES:
+    return None
+  packed = codes.narrow(codes.pack(class_bits), class_bits.shape[1])
+  best = class_bits.shape[1]
+  for start, dist in codes.distance_blocks(packed, packed):
+    rows = np.arange(dist.shape[0])
+    dist = dist.astype(np.int64)
+    dist[rows, start + rows] = best
+    best = min(best, int(dist.min()))
+  return best
+
+
+def _write_json(path: str, record: dict) -> None:
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump(record, f, indent=1)
+
+
+def _save_codebook(path: str, values: np.ndarray) -> None:
+  if jax.process_index() == 0:
+    tmp = path + '.tmp.npy'
+    np.save(tmp, values)
+    os.replace(tmp, path)
+
+
+def evaluate_llc(config: ml_collections.ConfigDict, workdir: str,
+                 phase1_workdir: Optional[str] = None, step: Optional[int] = None) -> dict:
+  """Evaluates an LLC workdir (phase from the config's head); returns the record written."""
+  phase = PHASES.get(config.model.head)
+  if phase is None:
+    raise ValueError(f'{config.model.head!r} is not an LLC head; llc.evaluate takes a config '
+                     f'with model.head in {sorted(PHASES)}')
+  if phase == 1 and phase1_workdir:
+    raise ValueError('--phase1_workdir applies to phase-2 workdirs only')
+  exp, variables, step = restore(config, workdir, step)
+  num_classes, bits = config.dataset.num_classes, config.model.head_kwargs.bits
+  out = collect_codes(exp, variables)
+  record: dict[str, Any] = {'phase': phase, 'step': int(step), 'bits': bits,
+                            'num_classes': num_classes, 'num_examples': int(len(out['label']))}
+  if phase == 1:
+    codebook = np.asarray(jax.device_get(variables['params']['head']['codebook']), np.float32)
+    path = codebook_io.codebook_path(workdir)
+    _save_codebook(path, codebook)
+    class_bits = codebook > 0
+    record.update(unique_codes=codes.unique_codes(class_bits),
+                  min_class_distance=min_class_distance(class_bits),
+                  class_code_accuracy=float(np.mean(out['prediction'] == out['label'])),
+                  codebook=path)
+  else:
+    if phase1_workdir:
+      source = codebook_io.codebook_path(phase1_workdir)
+      class_bits = codebook_io.class_codes(source, num_classes, bits) > 0
+    else:
+      source = 'checkpoint (batch_stats/head/class_codes)'
+      class_bits = np.asarray(jax.device_get(
+          variables['batch_stats']['head']['class_codes'])) > 0
+    record.update(codes.llc_metrics(out['codes'] >= 0, out['label'], class_bits))
+    record.update(min_class_distance=min_class_distance(class_bits),
+                  logit_accuracy=float(np.mean(out['prediction'] == out['label'])),
+                  codebook=source)
+  _write_json(os.path.join(workdir, EVAL_FILE), record)
+  return record
+
+
+def main(argv) -> None:
+  del argv
+  record = evaluate_llc(_CONFIG.value, _WORKDIR.value, _PHASE1.value or None, _STEP.value)
+  print(json.dumps(record), flush=True)
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'LLC experiment config file[:args]',
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'the trained workdir to evaluate')
+  _PHASE1 = flags.DEFINE_string('phase1_workdir', None,
+                                'phase 2: decode against this phase-1 workdir\'s codebook.npy')
+  _STEP = flags.DEFINE_integer('step', None, 'checkpoint step (default: latest)')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,103 @@
+"""LLC heads (Kusupati et al., NeurIPS 2021): phase 1 learns k-bit class codes, phase 2 learns
+instance codes that match them.
+
+Both start with the same `projection` (Dense D -> k, no bias), so phase 2 warm-starts it with
+`train.init_prefixes=('backbone', 'head/projection')`. The real projection output is sown as
+`intermediates/head/codes` (z in phase 1, o in phase 2) for `llc.evaluate`.
+
+Phase 1, `CodebookHead`: real codebook C [L, k] (param `codebook`, class dim sharded), binarised
+on every forward pass with a straight-through sign, B = where(C > 0, +1, -1);
+logits = z @ B^T (no scale, bias or temperature); loss = softmax CE with label smoothing.
+
+Phase 2, `InstanceCodeHead`: the class codes B are fixed, read from a codebook .npy at init and
+kept in the checkpoint as the non-trainable variable `batch_stats/head/class_codes` (+-1 [L, k],
+class dim sharded: the optimizer and weight decay never see it, and no [L, k] constant is baked
+into the compiled step). With o the per-bit logits and T = (B + 1) / 2 in {0, 1}:
+  loss [B] = mean over bits of sigmoid BCE(o, T[y]);
+  logits [B, L] = o @ T^T.
+Under independent bits p(bit j = 1) = sigmoid(o_j),
+  log p(T_c) = sum_j T_cj log sig(o_j) + (1 - T_cj) log sig(-o_j) = o . T_c + sum_j log sig(-o_j),
+so the logits are the log-likelihoods of the class codes up to a per-row constant, and softmax
+of them is the posterior over classes under a uniform prior: the shared evaluator's accuracy,
+NLL and ECE apply as they are. With |o_j| all equal, argmax of the logits is minimum-Hamming
+decoding (o . T_c = |o| (#ones of sign(o)) - |o| Hamming(sign(o), B_c)), ties to the lowest index.
+"""
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from heads.base import HeadOutput, class_sharded, softmax_cross_entropy
+from llc import codebook_io
+from llc.codes import straight_through_sign
+
+
+class CodebookHead(nn.Module):
+  """Phase 1: logits = z @ sign(C)^T with a learnt real codebook C [L, k] (straight-through).
+
+  `codebook_init`: '' for N(0, 2/k), or a .npy [L, k] of real values (kept as they are) or
+  booleans (given seeded magnitudes by `baselines.warm_start_values`).
+  """
+  num_classes: int
+  bits: int = 20
+  label_smoothing: float = 0.1
+  codebook_init: str = ''
+  link = 'softmax'
+
+  def _codebook_initializer(self):
+    if not self.codebook_init:
+      return nn.initializers.normal(stddev=float(np.sqrt(2.0 / self.bits)))
+
+    def from_file(key, shape, dtype=jnp.float32):
+      del key
+      values = codebook_io.init_values(self.codebook_init, self.num_classes, self.bits)
+      assert values.shape == tuple(shape), (values.shape, shape)
+      return jnp.asarray(values, dtype)
+    return from_file
+
+  @nn.compact
+  def __call__(self, x: jax.Array, labels: Optional[jax.Array] = None, *,
+               train: bool = False) -> HeadOutput:
+    del train
+    z = nn.Dense(self.bits, use_bias=False, name='projection')(x).astype(jnp.float32)
+    codebook = self.param('codebook', class_sharded(self._codebook_initializer(), class_axis=0),
+                          (self.num_classes, self.bits), jnp.float32)
+    logits = z @ straight_through_sign(codebook).T
+    self.sow('intermediates', 'codes', z)
+    loss = None if labels is None else softmax_cross_entropy(logits, labels,
+                                                             self.label_smoothing)
+    return HeadOutput(logits, loss)
+
+
+class InstanceCodeHead(nn.Module):
+  """Phase 2: per-bit logits o [B, k] trained with BCE towards the fixed class code of the label.
+
+  `codebook`: the .npy [L, k] whose signs are the class codes (phase 1's exported `codebook.npy`
+  or a baseline); read once, at init, and checkpointed as `batch_stats/head/class_codes`.
+  """
+  num_classes: int
+  bits: int = 20
+  codebook: str = ''
+  link = 'softmax'
+
+  def _class_codes(self) -> jax.Array:
+    def from_file():
+      codes = codebook_io.class_codes(self.codebook, self.num_classes, self.bits)
+      return nn.Partitioned(jnp.asarray(codes), names=('model', None))
+    return self.variable('batch_stats', 'class_codes', from_file).value
+
+  @nn.compact
+  def __call__(self, x: jax.Array, labels: Optional[jax.Array] = None, *,
+               train: bool = False) -> HeadOutput:
+    del train
+    o = nn.Dense(self.bits, use_bias=False, name='projection')(x).astype(jnp.float32)
+    targets = (self._class_codes() + 1.0) / 2.0          # T in {0, 1}, [L, k]
+    logits = o @ targets.T
+    self.sow('intermediates', 'codes', o)
+    loss = None
+    if labels is not None:
+      loss = jnp.mean(optax.sigmoid_binary_cross_entropy(o, targets[labels]), axis=-1)
+    return HeadOutput(logits, loss)
