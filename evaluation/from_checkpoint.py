@@ -10,9 +10,10 @@ from training.checkpointing import Checkpointer, check_signature, checkpoint_dir
 from training.experiment import Experiment
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: Optional[int] = None) -> dict:
-  """Evaluates the latest (or the given) checkpoint in `workdir`; returns the eval record."""
+def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                       step: Optional[int] = None) -> tuple[Experiment, dict, int]:
+  """(experiment, {'params', 'batch_stats'} on the current mesh, step) of the latest (or
+  given) checkpoint in `workdir`; the optimizer state is never read."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise FileNotFoundError(f'no checkpoints in {workdir}: train first with --mode=train')
   exp = Experiment.build(config)
@@ -21,14 +22,19 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   steps = ckpt.all_steps()
   if not steps:
     raise FileNotFoundError(f'no complete checkpoint in {checkpoint_dir(workdir)}')
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
+  step = max(steps) if step is None else step
+  if step not in steps:
     raise ValueError(f'no checkpoint for step {step} in {workdir}; available: {sorted(steps)}')
   variables = ckpt.restore_variables(step, exp.abstract_restore_target())
   ckpt.close()
+  return exp, variables, step
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: Optional[int] = None) -> dict:
+  """Evaluates the latest (or the given) checkpoint in `workdir`; returns the eval record."""
+  exp, variables, step = restore_checkpoint(config, workdir, step)
   eval_step = make_eval_step(exp.model, exp.mesh, exp.shardings)
   metrics, bins = evaluate(eval_step, variables['params'], variables['batch_stats'],
-                           exp.eval_dataset(),
-                           exp.mesh, config.eval.num_bins)
+                           exp.eval_dataset(), exp.mesh, config.eval.num_bins)
   return write_eval_report(workdir, step, metrics, bins)

@@ -24,34 +24,15 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from evaluation.from_checkpoint import restore_checkpoint
 from input_pipeline.pipeline import device_batches
 from llc import codebook_io, codes
-from training.checkpointing import Checkpointer, check_signature, checkpoint_dir
 from training.experiment import Experiment
 from training.mesh import batch_sharding
 
 EVAL_FILE = 'llc_eval.json'
 PHASES = {'llc_codebook': 1, 'llc_instance': 2}
 MAX_PAIRWISE_CLASSES = 50_000   # min_class_distance is O(L^2); skipped (None) above this
-
-
-def restore(config: ml_collections.ConfigDict, workdir: str,
-            step: Optional[int] = None) -> tuple[Experiment, dict, int]:
-  """(experiment, {'params', 'batch_stats'} on the current mesh, step) of a workdir."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    raise FileNotFoundError(f'no checkpoints in {workdir}: train it first with launch.main')
-  exp = Experiment.build(config)
-  check_signature(workdir, exp.abstract_state.params)
-  ckpt = Checkpointer(workdir, save_every=1, keep=1, read_only=True)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'no complete checkpoint in {checkpoint_dir(workdir)}')
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise ValueError(f'no checkpoint for step {step} in {workdir}; available: {sorted(steps)}')
-  variables = ckpt.restore_variables(step, exp.abstract_restore_target())
-  ckpt.close()
-  return exp, variables, step
 
 
 def collect_codes(exp: Experiment, variables: dict) -> dict:
@@ -115,7 +96,7 @@ def evaluate_llc(config: ml_collections.ConfigDict, workdir: str,
                      f'with model.head in {sorted(PHASES)}')
   if phase == 1 and phase1_workdir:
     raise ValueError('--phase1_workdir applies to phase-2 workdirs only')
-  exp, variables, step = restore(config, workdir, step)
+  exp, variables, step = restore_checkpoint(config, workdir, step)
   num_classes, bits = config.dataset.num_classes, config.model.head_kwargs.bits
   out = collect_codes(exp, variables)
   record: dict[str, Any] = {'phase': phase, 'step': int(step), 'bits': bits,
