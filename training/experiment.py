@@ -10,7 +10,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from input_pipeline.pipeline import eval_dataset, preprocess
-from input_pipeline.sources import DatasetInfo, build_source
+from input_pipeline.sources import DatasetInfo, Subset, build_source
 from training.mesh import build_mesh
 from training.model import build_model
 from training.optimizer import build_optimizer, build_schedule
@@ -39,7 +39,6 @@ class Experiment:
         raise ValueError(f'{name}={size} is not divisible by the data axis ({mesh.shape["data"]})')
     source, info = build_source(config.dataset, config.dataset.eval_split, config.seed, train=False)
     if config.eval.max_examples:
-      from input_pipeline.sources import Subset
       source = Subset(source, config.eval.max_examples)
     first = preprocess(source[0], None, eval_mode=config.input.eval_preprocess,
                        image_size=config.input.image_size, channels=config.dataset.channels)

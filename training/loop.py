@@ -172,8 +172,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step % config.train.log_every == 0 or step == num_steps:
       rate = (step - s0) / max(time.time() - t0, 1e-9)
       eta = (num_steps - step) / max(rate, 1e-9)
-      loss = float(jax.device_get(metrics['loss']))
-      extra = ''.join(f' | {k} {float(v):.4f}' for k, v in jax.device_get(metrics).items()
+      host = jax.device_get(metrics)
+      loss = float(host['loss'])
+      extra = ''.join(f' | {k} {float(v):.4f}' for k, v in host.items()
                       if k not in ('loss', 'accuracy', 'grad_norm', 'learning_rate',
                                    'params_finite'))
       writer.write(step, {'perf/steps_per_sec': rate,
