@@ -1,15 +1,16 @@
 r"""LLC codebooks vs random / SVD / CCA codebooks on real Caltech-101, scaled down for a CPU.
 
 Protocol (every run through `launch.main` with `configs/llc_caltech101.py`, ResNet-18 CIFAR
-stem at `--width`, images resized to `--image_size`, Adam 1e-3 cosine, batch 64), the paper's:
+stem at `--width`, images resized to `--image_size`, batch 64, the config's optimizer: SGD
+momentum 0.9, lr 0.05, weight decay 5e-4, warmup + cosine), the paper's:
   1. DET: softmax head from scratch, `--epochs`; the real-valued reference and the source of the
      SVD (head kernel) and CCA (pooled training-split features) codebooks.
   2. per k: LLC phase 1 from scratch with the same budget (`--epochs`), codebook learnt from
-     N(0, 2/k); export; phase 2 from phase 1 (backbone + projection), `--epochs / 4`, lr 1e-4
+     N(0, 2/k); export; phase 2 from phase 1 (backbone + projection), `--epochs / 4`, lr / 10
      (the config's phase-2 rule).
   3. per k and baseline (random seed 0, SVD, CCA): phase 2 with that fixed codebook from the DET
-     backbone, `--epochs / 4`; its projection starts fresh, so it gets lr `--baseline_lr`
-     (1e-3) instead of 1e-4. Each method thus trains `1.25 * --epochs` in all.
+     backbone, `--epochs / 4`; its projection starts fresh, so it gets the phase-1 lr
+     (`--baseline_lr`) instead of lr / 10. Each method thus trains `1.25 * --epochs` in all.
   4. `--warm_starts svd cca`: LLC phase 1 from scratch with `codebook_init` = that baseline, at
      `--warm_start_bits` (default the first k): does a collapsed codebook end unique?
 Runs whose result file exists are skipped, so re-running continues. Logs go to
@@ -41,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--image_size', type=int, default=32)
   p.add_argument('--batch_size', type=int, default=64)
   p.add_argument('--epochs', type=float, default=10, help='DET and LLC phase 1')
-  p.add_argument('--baseline_lr', type=float, default=1e-3)
+  p.add_argument('--baseline_lr', type=float, default=0.0,
+                 help="phase-2 lr of the fixed baseline codebooks (default: the config's "
+                      "phase-1 lr, scaled to --batch_size)")
   p.add_argument('--warm_starts', nargs='*', default=[], choices=BASELINES,
                  help='baselines to warm-start phase 1 from')
   p.add_argument('--warm_start_bits', type=int, default=0, help='k of the warm starts '
@@ -129,7 +132,7 @@ def main(argv=None) -> None:
       r.baseline(kind, k, det, book)
       w = os.path.join(a.root, f'{kind}{k}_p2')
       r.train(f'phase=2,bits={k},codebook={book},backbone_from={det}', w, p2_steps,
-              lr=a.baseline_lr)
+              lr=a.baseline_lr or 0.05 * a.batch_size / 64)
       r.llc_eval(f'phase=2,bits={k},codebook={book}', w)
     if k == (a.warm_start_bits or a.bits[0]):
       for kind in a.warm_starts:

@@ -7,7 +7,8 @@ r"""Trains and evaluates every head on one dataset with one recipe and prints on
 Each head is one `python -m launch.main --config=configs/compare_heads.py:...` run in its own
 workdir under --out (re-running resumes / re-evaluates finished runs). Columns: test accuracy,
 NLL, ECE (15 bins), training images/s (median over the run's progress lines), head parameter
-count, wall time. With several --seeds, each cell is mean +- std. Also writes
+count, wall time; for LLC also phase 2 from the phase-1 run (`llc.evaluate`: unique codes,
+strict / lenient ED, MHD, bits right). With several --seeds, each cell is mean +- std. Also writes
 `<out>/<dataset>_acc_vs_nll.png`.
 """
 import argparse
@@ -23,6 +24,15 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run(cmd: list, log: str) -> str:
+  """Runs `cmd` (logged to `log`); returns it as a re-runnable command line."""
+  with open(log, 'w') as f:
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+  if proc.returncode:
+    raise RuntimeError(f'failed: {" ".join(cmd[1:])}, see {log}')
+  return 'python ' + ' '.join(cmd[1:])
+
+
 def run_one(out: str, dataset: str, head: str, seed: int, args: argparse.Namespace) -> dict:
   name = f'{dataset}_{head}_noise{args.noise}{args.noise_kind[0]}_s{seed}'
   workdir = os.path.join(out, name)
@@ -31,11 +41,7 @@ def run_one(out: str, dataset: str, head: str, seed: int, args: argparse.Namespa
   cmd = [sys.executable, '-m', 'launch.main', f'--config={config}', f'--workdir={workdir}',
          f'--config.seed={seed}', f'--config.input.num_workers={args.workers}']
   t0 = time.time()
-  log = os.path.join(out, name + '.log')
-  with open(log, 'w') as f:
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-  if proc.returncode:
-    raise RuntimeError(f'{name} failed, see {log}')
+  commands = [run(cmd, os.path.join(out, name + '.log'))]
   with open(os.path.join(workdir, 'eval_results.json')) as f:
     result = json.load(f)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -43,9 +49,28 @@ def run_one(out: str, dataset: str, head: str, seed: int, args: argparse.Namespa
   with open(os.path.join(workdir, 'param_shapes.json')) as f:
     shapes = json.load(f)
   head_params = sum(int(np.prod(s)) for k, s in shapes.items() if k.startswith("['head']"))
-  return {'accuracy': result['accuracy'], 'nll': result['nll'], 'ece': result['ece'],
-          'images_per_sec': statistics.median(rates[1:] or rates), 'head_params': head_params,
-          'wall_s': time.time() - t0, 'command': ' '.join(cmd[1:])}
+  record = {'accuracy': result['accuracy'], 'nll': result['nll'], 'ece': result['ece'],
+            'images_per_sec': statistics.median(rates[1:] or rates), 'head_params': head_params,
+            'wall_s': time.time() - t0, 'commands': commands}
+  if head == 'llc':
+    record['llc'] = llc_phase2(workdir, config, seed, args, commands)
+  return record
+
+
+def llc_phase2(p1: str, config: str, seed: int, args: argparse.Namespace,
+               commands: list) -> dict:
+  """Exports the phase-1 codebook, trains phase 2 (instance codes, 1/4 of the steps) from it
+  and returns llc.evaluate's phase-2 record (strict ED, MHD, ...)."""
+  p2 = p1 + '_p2'
+  p2_config = f'{config},phase1={p1}'
+  common = [f'--config.seed={seed}', f'--config.input.num_workers={args.workers}']
+  for module, c, workdir in (('llc.evaluate', config, p1), ('launch.main', p2_config, p2),
+                             ('llc.evaluate', p2_config, p2)):
+    log = workdir + ('.llc_eval.log' if module == 'llc.evaluate' else '.log')
+    commands.append(run([sys.executable, '-m', module, f'--config={c}', f'--workdir={workdir}',
+                         *common], log))
+  with open(os.path.join(p2, 'llc_eval.json')) as f:
+    return json.load(f)
 
 
 def cell(values: list, fmt: str) -> str:
@@ -80,10 +105,20 @@ def main():
     print(f'| {h} | {cell(col("accuracy"), ".4f")} | {cell(col("nll"), ".4f")} | '
           f'{cell(col("ece"), ".4f")} | {cell(col("images_per_sec"), ".0f")} | '
           f'{rs[0]["head_params"]:,} | {cell(col("wall_s"), ".0f")} |')
+  llc = results.get('llc', [])
+  if llc:
+    print('\nLLC phase 2 (instance codes from the llc run, 1/4 of its steps, lr / 10):\n')
+    print('| bits | unique codes | strict ED | lenient ED | no match | MHD | MHD ties | bits right |')
+    print('|---:|---:|---:|---:|---:|---:|---:|---:|')
+    col = lambda k: [r['llc'][k] for r in llc]
+    print(f'| {llc[0]["llc"]["bits"]} | {cell(col("unique_codes"), ".0f")} '
+          f'| {cell(col("ed_strict_accuracy"), ".4f")} | {cell(col("ed_lenient_accuracy"), ".4f")} '
+          f'| {cell(col("ed_no_match_rate"), ".4f")} | {cell(col("mhd_accuracy"), ".4f")} '
+          f'| {cell(col("mhd_tie_rate"), ".4f")} | {cell(col("bits_right"), ".2f")} |')
   print('\nCommands:')
   for rs in results.values():
     for r in rs:
-      print(f'  python {r["command"]}')
+      print('\n'.join(f'  {c}' for c in r['commands']))
 
   import matplotlib
   matplotlib.use('Agg')

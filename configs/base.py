@@ -8,6 +8,7 @@ or `configs/x.py:phase=2,bits=20`; `parse_arg` turns it into a dict.
 from typing import Dict, Iterable
 
 import ml_collections
+import numpy as np
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -38,6 +39,7 @@ def base_config() -> ConfigDict:
   c.dataset.eval_split = 'test'
   c.dataset.num_classes = 10
   c.dataset.classes = ()           # keep only these class ids (relabelled 0..n-1); () = all
+  c.dataset.ood_classes = ()       # class ids held out of training, for OOD evaluation
   c.dataset.image_size = 8         # synthetic: side of generated images
   c.dataset.channels = 1           # synthetic: channels of generated images
   c.dataset.num_examples = 0       # synthetic: examples per split
@@ -150,6 +152,21 @@ def small_image_recipe(c: ConfigDict, dataset: str = 'cifar10', epochs: int = 30
   c.train.log_every = 100
   c.train.eval_every = steps_per_epoch * 5
   c.train.checkpoint_every = steps_per_epoch
+  return c
+
+
+def hold_out_classes(c: ConfigDict, fraction: float, seed: int = 0) -> ConfigDict:
+  """Trains on a seeded random (1 - fraction) of the classes; the rest become
+  `dataset.ood_classes` (out-of-distribution data for evaluation, never trained on)."""
+  total = c.dataset.num_classes
+  num_out = round(fraction * total)
+  if not 0 < num_out < total:
+    raise ValueError(f'ood={fraction} holds out {num_out} of {total} classes: use a fraction '
+                     f'that leaves at least one class on each side')
+  order = np.random.default_rng(seed).permutation(total)
+  c.dataset.classes = tuple(sorted(int(k) for k in order[num_out:]))
+  c.dataset.ood_classes = tuple(sorted(int(k) for k in order[:num_out]))
+  c.dataset.num_classes = total - num_out
   return c
 
 

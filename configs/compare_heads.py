@@ -5,7 +5,7 @@ r"""One backbone and one recipe per dataset, any head: the side-by-side comparis
 
 Arguments: dataset = cifar10 | caltech101 (prepared by `launch.prepare_data`, see README);
 head = det | het | hetxl | soc (10 dims) | socN (N dims) | llc (LLC phase 1: the learnt-codebook
-classifier);
+classifier; with phase1=DIR, LLC phase 2 from that phase-1 workdir: instance codes);
 noise = fraction of training labels flipped, noise_kind = symmetric | class_dependent;
 epochs; width (ResNet-18 channel multiplier, 1.0 = the real ResNet-18); runlocal.
 Recipe: ResNet-18 (CIFAR stem on 32 px CIFAR-10, ImageNet stem on 64 px Caltech-101), Adam 1e-3
@@ -18,13 +18,14 @@ in NLL and ECE. BENCHMARKS.md has the measured table.
 import math
 
 from configs import base
+from llc import phases
 
 DATASETS = {'cifar10': ('cifar', 6), 'caltech101': ('imagenet', 16)}  # stem, HET factors
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, ['dataset', 'head', 'noise', 'noise_kind', 'epochs', 'width',
-                              'runlocal'])
+                              'phase1', 'runlocal'])
   dataset, head = args.get('dataset', 'cifar10'), args.get('head', 'det')
   if dataset not in DATASETS:
     raise ValueError(f'dataset must be one of {sorted(DATASETS)}, got {dataset!r}')
@@ -43,10 +44,16 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
     c.model.head = 'soc'
     c.model.head_kwargs.dims = int(head[3:] or 10)
   elif head == 'llc':
-    c.model.head = 'llc_codebook'
-    c.model.head_kwargs.bits = math.ceil(2 * math.log2(k))
+    bits = math.ceil(2 * math.log2(k))
+    if 'phase1' in args:
+      phases.configure(c, {'phase': '2', 'bits': str(bits), 'phase1': args['phase1']}, bits)
+    else:
+      c.model.head = 'llc_codebook'
+      c.model.head_kwargs.bits = bits
   else:
     raise ValueError(f'head must be det, het, hetxl, soc or llc, got {head!r}')
+  if 'phase1' in args and head != 'llc':
+    raise ValueError('phase1=DIR applies to head=llc only')
   c.dataset.label_noise = float(args.get('noise', 0.0))
   c.dataset.label_noise_kind = args.get('noise_kind', 'symmetric')
   c.train.log_every = 50

@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c = base.small_image_recipe(base.base_config(), 'caltech101', epochs=60, batch_size=64)
   c.input.mean = (0.485, 0.456, 0.406)
   c.input.std = (0.229, 0.224, 0.225)
+  phases.paper_optimizer(c)
   phases.configure(c, args, default_bits=14)
   if 'runlocal' in args:
     base.runlocal_small_backbone(base.runlocal(c))

@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, phases.CONFIG_ARGS)
   c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128)
   c.model.backbone_kwargs.width = 1.0
+  phases.paper_optimizer(c)
   phases.configure(c, args, default_bits=7)
   if 'runlocal' in args:
     base.runlocal_small_backbone(base.runlocal(c))

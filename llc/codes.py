@@ -5,7 +5,7 @@ instance outputs o should be binarised by the caller as o >= 0). Packed codes ar
 [N, ceil(k/64)]: bit j of a code is bit j % 64 of word j // 64; pad bits are zero.
 Everything runs in numpy on the host, except `straight_through_sign` (JAX).
 """
-from typing import Iterator, NamedTuple, Tuple, Union
+from typing import Iterator, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +185,24 @@ def llc_metrics(inst_bits, labels, class_bits) -> dict:
       'mhd_tie_rate': float(np.mean(tied)),
       'bits_right': bits_right(inst_bits, true_codes),
   }
+
+
+MAX_PAIRWISE_CLASSES = 50_000   # min_class_distance is O(L^2); skipped (None) above this
+
+
+def min_class_distance(class_bits: np.ndarray) -> Optional[int]:
+  """Smallest Hamming distance between two classes' codes (0 when codes collide); None for
+  more than MAX_PAIRWISE_CLASSES classes."""
+  if class_bits.shape[0] > MAX_PAIRWISE_CLASSES:
+    return None
+  packed = narrow(pack(class_bits), class_bits.shape[1])
+  best = class_bits.shape[1]
+  for start, dist in distance_blocks(packed, packed):
+    rows = np.arange(dist.shape[0])
+    dist = dist.astype(np.int64)
+    dist[rows, start + rows] = best
+    best = min(best, int(dist.min()))
+  return best
 
 
 def straight_through_sign(c: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -32,46 +33,35 @@ from training.mesh import batch_sharding
 
 EVAL_FILE = 'llc_eval.json'
 PHASES = {'llc_codebook': 1, 'llc_instance': 2}
-MAX_PAIRWISE_CLASSES = 50_000   # min_class_distance is O(L^2); skipped (None) above this
 
 
-def collect_codes(exp: Experiment, variables: dict) -> dict:
-  """One pass over the eval split: real codes [N, k] (z or o), argmax of the logits [N] and
-  labels [N], padding removed."""
+def collect_codes(exp: Experiment, variables: dict, source: Any = None) -> dict:
+  """One pass over the eval split (or `source`): real codes [N, k] (z or o; absent for heads
+  that sow none), argmax [N] and max softmax probability [N] of the logits, and labels [N],
+  padding removed."""
   model = exp.model
 
   def step(params, batch_stats, batch):
     out, state = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
                              train=False, mutable=['intermediates'])
-    return {'codes': state['intermediates']['head']['codes'][0],
-            'prediction': out.logits.argmax(-1), 'label': batch['label'], 'mask': batch['mask']}
+    sown = state.get('intermediates', {}).get('head', {}).get('codes')
+    return {'codes': None if sown is None else sown[0],
+            'prediction': out.logits.argmax(-1),
+            'msp': jax.nn.softmax(out.logits.astype(jnp.float32)).max(-1),
+            'label': batch['label'], 'mask': batch['mask']}
 
   step = jax.jit(step, in_shardings=(exp.shardings.params, exp.shardings.batch_stats,
                                      batch_sharding(exp.mesh)),
                  out_shardings=NamedSharding(exp.mesh, P()))
-  columns = {k: [] for k in ('codes', 'prediction', 'label', 'mask')}
-  for batch in device_batches(iter(exp.eval_dataset()), batch_sharding(exp.mesh)):
+  columns = {}
+  for batch in device_batches(iter(exp.eval_dataset(source)), batch_sharding(exp.mesh)):
     out = jax.device_get(step(variables['params'], variables['batch_stats'], batch))
-    for k in columns:
-      columns[k].append(np.asarray(out[k]))
+    for k, v in out.items():
+      if v is not None:
+        columns.setdefault(k, []).append(np.asarray(v))
   c = {k: np.concatenate(v) for k, v in columns.items()}
   keep = c.pop('mask') > 0
   return {k: v[keep] for k, v in c.items()}
-
-
-def min_class_distance(class_bits: np.ndarray) -> Optional[int]:
-  """Smallest Hamming distance between two classes' codes (0 when codes collide); None for
-  more than MAX_PAIRWISE_CLASSES classes."""
-  if class_bits.shape[0] > MAX_PAIRWISE_CLASSES:
-    return None
-  packed = codes.narrow(codes.pack(class_bits), class_bits.shape[1])
-  best = class_bits.shape[1]
-  for start, dist in codes.distance_blocks(packed, packed):
-    rows = np.arange(dist.shape[0])
-    dist = dist.astype(np.int64)
-    dist[rows, start + rows] = best
-    best = min(best, int(dist.min()))
-  return best
 
 
 def _write_json(path: str, record: dict) -> None:
@@ -107,7 +97,7 @@ def evaluate_llc(config: ml_collections.ConfigDict, workdir: str,
     _save_codebook(path, codebook)
     class_bits = codebook > 0
     record.update(unique_codes=codes.unique_codes(class_bits),
-                  min_class_distance=min_class_distance(class_bits),
+                  min_class_distance=codes.min_class_distance(class_bits),
                   class_code_accuracy=float(np.mean(out['prediction'] == out['label'])),
                   codebook=path)
   else:
@@ -119,7 +109,7 @@ def evaluate_llc(config: ml_collections.ConfigDict, workdir: str,
       class_bits = np.asarray(jax.device_get(
           variables['batch_stats']['head']['class_codes'])) > 0
     record.update(codes.llc_metrics(out['codes'] >= 0, out['label'], class_bits))
-    record.update(min_class_distance=min_class_distance(class_bits),
+    record.update(min_class_distance=codes.min_class_distance(class_bits),
                   logit_accuracy=float(np.mean(out['prediction'] == out['label'])),
                   codebook=source)
   _write_json(os.path.join(workdir, EVAL_FILE), record)

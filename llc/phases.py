@@ -4,6 +4,8 @@
   :phase=2,bits=k,phase1=DIR[,codebook=FILE]                  instance codes, warm-started
   :phase=2,bits=k,codebook=FILE,backbone_from=DIR             instance codes for a fixed codebook
   :det                                                        the real-valued softmax reference
+  ,ood=F (any of the above)     train on a seeded 1 - F of the classes; the rest are the
+                                held-out out-of-distribution classes `llc.ood` evaluates on
 
 Phase 2 takes backbone + projection (`train.init_from=DIR`, prefixes backbone, head/projection)
 and the codebook `DIR/codebook.npy` (written by `llc.evaluate`) from the phase-1 workdir, and
@@ -17,17 +19,30 @@ import os
 
 import ml_collections
 
+from configs import base
 from llc import codebook_io
 
 CONFIG_ARGS = ('phase', 'bits', 'phase1', 'codebook', 'codebook_init', 'backbone_from', 'det',
-               'runlocal')
+               'ood', 'runlocal')
 PHASE2_LR_FACTOR = 0.1
 PHASE2_STEP_FRACTION = 0.25
 
 
+def paper_optimizer(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The LLC paper's kind of optimizer for small data: SGD momentum 0.9, coupled weight decay
+  5e-4, lr 0.05 per 64 images (scaled linearly with the batch), warmup + cosine."""
+  c.optimizer.name = 'sgd'
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.learning_rate = 0.05 * c.input.batch_size / 64
+  return c
+
+
 def configure(c: ml_collections.ConfigDict, args: dict,
               default_bits: int) -> ml_collections.ConfigDict:
-  """Sets head, codebook and warm start of `c` from parsed config arguments."""
+  """Sets head, codebook, warm start and held-out classes of `c` from parsed config arguments."""
+  if 'ood' in args:
+    base.hold_out_classes(c, float(args['ood']))
   num_classes = c.dataset.num_classes
   given = lambda key: os.path.abspath(args[key]) if args.get(key) else ''
   if 'backbone_from' in args:

@@ -220,7 +220,7 @@ def test_phase2_config_without_a_phase1_codebook_fails_clearly(tmp_path):
 
 @pytest.mark.parametrize('k', (5, 20, 70))
 def test_min_class_distance_matches_reference(k):
-  from llc.evaluate import min_class_distance
+  from llc.codes import min_class_distance
   book = np.random.default_rng(k).integers(0, 2, (30, k)).astype(bool)
   dist = (book[:, None] != book[None]).sum(-1) + k * np.eye(30, dtype=int)
   assert min_class_distance(book) == dist.min()

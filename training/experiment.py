@@ -49,9 +49,11 @@ class Experiment:
     return cls(config, mesh, model, tx, build_schedule(config.optimizer, config.train.num_steps),
                image_shape, abstract, shardings, source, info)
 
-  def eval_dataset(self):
+  def eval_dataset(self, source: Any = None):
+    """One padded pass over the eval split (or over `source`, preprocessed the same way)."""
     c = self.config
-    return eval_dataset(self.eval_source, global_batch=c.input.eval_batch_size,
+    return eval_dataset(self.eval_source if source is None else source,
+                        global_batch=c.input.eval_batch_size,
                         eval_mode=c.input.eval_preprocess, image_size=c.input.image_size,
                         channels=c.dataset.channels, num_workers=c.input.num_workers)[0]
 
