@@ -34,10 +34,12 @@ def run(cmd: list, log: str) -> str:
 
 
 def run_one(out: str, dataset: str, head: str, seed: int, args: argparse.Namespace) -> dict:
-  name = f'{dataset}_{head}_noise{args.noise}{args.noise_kind[0]}_s{seed}'
+  extra = f',{args.config_args}' if args.config_args else ''
+  name = f'{dataset}_{head}{extra.replace(",", "_").replace(":", "-").replace("=", "")}' \
+         f'_noise{args.noise}{args.noise_kind[0]}_s{seed}'
   workdir = os.path.join(out, name)
   config = (f'configs/compare_heads.py:dataset={dataset},head={head},epochs={args.epochs},'
-            f'width={args.width},noise={args.noise},noise_kind={args.noise_kind}')
+            f'width={args.width},noise={args.noise},noise_kind={args.noise_kind}{extra}')
   cmd = [sys.executable, '-m', 'launch.main', f'--config={config}', f'--workdir={workdir}',
          f'--config.seed={seed}', f'--config.input.num_workers={args.workers}']
   t0 = time.time()
@@ -88,6 +90,8 @@ def main():
   p.add_argument('--noise', type=float, default=0.0)
   p.add_argument('--noise_kind', default='symmetric')
   p.add_argument('--seeds', default='0')
+  p.add_argument('--config_args', default='', help='more compare_heads arguments for every '
+                 'head, e.g. tau=0.3:3.0 (also added to the workdir names)')
   p.add_argument('--workers', type=int, default=1)
   p.add_argument('--out', default='/tmp/quality')
   args = p.parse_args()

@@ -7,6 +7,8 @@ Arguments: dataset = cifar10 | caltech101 (prepared by `launch.prepare_data`, se
 head = det | het | hetxl | soc (10 dims) | socN (N dims) | llc (LLC phase 1: the learnt-codebook
 classifier; with phase1=DIR, LLC phase 2 from that phase-1 workdir: instance codes);
 noise = fraction of training labels flipped, noise_kind = symmetric | class_dependent;
+tau = LO:HI, the learnt temperature's bounds for het / hetxl (default 0.05:5.0, start at the
+midpoint);
 epochs; width (ResNet-18 channel multiplier, 1.0 = the real ResNet-18); runlocal.
 Recipe: ResNet-18 (CIFAR stem on 32 px CIFAR-10, ImageNet stem on 64 px Caltech-101), Adam 1e-3
 with warmup + cosine, batch 128, pad-crop + flip. Heads: HET and HET-XL with R = 6 (CIFAR-10)
@@ -25,7 +27,7 @@ DATASETS = {'cifar10': ('cifar', 6), 'caltech101': ('imagenet', 16)}  # stem, HE
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, ['dataset', 'head', 'noise', 'noise_kind', 'epochs', 'width',
-                              'phase1', 'runlocal'])
+                              'phase1', 'tau', 'runlocal'])
   dataset, head = args.get('dataset', 'cifar10'), args.get('head', 'det')
   if dataset not in DATASETS:
     raise ValueError(f'dataset must be one of {sorted(DATASETS)}, got {dataset!r}')
@@ -38,8 +40,9 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   if head == 'det':
     base.det_head(c)
   elif head in ('het', 'hetxl'):
+    bounds = tuple(float(v) for v in args.get('tau', '0.05:5.0').split(':'))
     base.hetxl_head(c, kind=head, num_factors=factors, train_samples=100, eval_samples=1000,
-                    chunk=100)
+                    chunk=100, bounds=bounds)
   elif head.startswith('soc'):  # soc = 10 dims, socN = N dims
     c.model.head = 'soc'
     c.model.head_kwargs.dims = int(head[3:] or 10)
@@ -54,6 +57,8 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
     raise ValueError(f'head must be det, het, hetxl, soc or llc, got {head!r}')
   if 'phase1' in args and head != 'llc':
     raise ValueError('phase1=DIR applies to head=llc only')
+  if 'tau' in args and head not in ('het', 'hetxl'):
+    raise ValueError('tau=LO:HI applies to head=het or hetxl only')
   c.dataset.label_noise = float(args.get('noise', 0.0))
   c.dataset.label_noise_kind = args.get('noise_kind', 'symmetric')
   c.train.log_every = 50

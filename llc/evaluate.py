@@ -2,7 +2,7 @@ r"""LLC evaluation of a trained workdir: export phase 1's codebook, decode phase
 
   python -m llc.evaluate --config=configs/llc_caltech101.py:phase=1,bits=10 --workdir=P1
   python -m llc.evaluate --config=configs/llc_caltech101.py:phase=2,bits=10,phase1=P1 \
-      --workdir=P2 [--phase1_workdir=P1] [--step=N]
+      --workdir=P2 [--phase1_workdir=P1] [--step=N] [--retrieval_topk=R]
 
 Restores the checkpoint (params + batch_stats only) and runs the eval split once.
 Phase 1 (head `llc_codebook`): writes the real codebook C [L, k] to `P1/codebook.npy` (what
@@ -12,7 +12,9 @@ Phase 2 (head `llc_instance`): instance code = (o >= 0); decodes against the cod
 the checkpoint, or `--phase1_workdir`'s codebook.npy, and reports `llc.codes.llc_metrics`
 (strict ED accuracy, lenient ED accuracy = the reference's rule, ambiguous / no-match rates, MHD
 accuracy and tie rate, bits right, unique codes) plus `logit_accuracy` (argmax of the code
-log-likelihood logits, what the shared evaluator's accuracy is).
+log-likelihood logits, what the shared evaluator's accuracy is). With `--retrieval_topk=R`
+(phase 2), also MAP@R of Hamming ranking: eval-split codes as queries against the training
+split's codes (un-augmented, clean labels) as the database (`llc.retrieval`).
 Prints one JSON line and writes it to `<workdir>/llc_eval.json`. Runs as one process.
 """
 import json
@@ -27,7 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from evaluation.from_checkpoint import restore_checkpoint
 from input_pipeline.pipeline import device_batches
-from llc import codebook_io, codes
+from input_pipeline.sources import build_source
+from llc import codebook_io, codes, retrieval
 from training.experiment import Experiment
 from training.mesh import batch_sharding
 
@@ -78,14 +81,15 @@ def _save_codebook(path: str, values: np.ndarray) -> None:
 
 
 def evaluate_llc(config: ml_collections.ConfigDict, workdir: str,
-                 phase1_workdir: Optional[str] = None, step: Optional[int] = None) -> dict:
+                 phase1_workdir: Optional[str] = None, step: Optional[int] = None,
+                 retrieval_topk: int = 0) -> dict:
   """Evaluates an LLC workdir (phase from the config's head); returns the record written."""
   phase = PHASES.get(config.model.head)
   if phase is None:
     raise ValueError(f'{config.model.head!r} is not an LLC head; llc.evaluate takes a config '
                      f'with model.head in {sorted(PHASES)}')
-  if phase == 1 and phase1_workdir:
-    raise ValueError('--phase1_workdir applies to phase-2 workdirs only')
+  if phase == 1 and (phase1_workdir or retrieval_topk):
+    raise ValueError('--phase1_workdir and --retrieval_topk apply to phase-2 workdirs only')
   exp, variables, step = restore_checkpoint(config, workdir, step)
   num_classes, bits = config.dataset.num_classes, config.model.head_kwargs.bits
   out = collect_codes(exp, variables)
@@ -112,13 +116,21 @@ def evaluate_llc(config: ml_collections.ConfigDict, workdir: str,
     record.update(min_class_distance=codes.min_class_distance(class_bits),
                   logit_accuracy=float(np.mean(out['prediction'] == out['label'])),
                   codebook=source)
+    if retrieval_topk:
+      database, _ = build_source(config.dataset, config.dataset.train_split, config.seed,
+                                 train=False)
+      db = collect_codes(exp, variables, database)
+      record[f'map@{retrieval_topk}'] = retrieval.mean_average_precision(
+          out['codes'] >= 0, out['label'], db['codes'] >= 0, db['label'], retrieval_topk)
+      record['retrieval_database'] = int(len(db['label']))
   _write_json(os.path.join(workdir, EVAL_FILE), record)
   return record
 
 
 def main(argv) -> None:
   del argv
-  record = evaluate_llc(_CONFIG.value, _WORKDIR.value, _PHASE1.value or None, _STEP.value)
+  record = evaluate_llc(_CONFIG.value, _WORKDIR.value, _PHASE1.value or None, _STEP.value,
+                        _TOPK.value)
   print(json.dumps(record), flush=True)
 
 
@@ -131,5 +143,7 @@ if __name__ == '__main__':
   _PHASE1 = flags.DEFINE_string('phase1_workdir', None,
                                 'phase 2: decode against this phase-1 workdir\'s codebook.npy')
   _STEP = flags.DEFINE_integer('step', None, 'checkpoint step (default: latest)')
+  _TOPK = flags.DEFINE_integer('retrieval_topk', 0, 'phase 2: MAP@R of test queries against '
+                               'the training split (0: skip)')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -269,8 +269,26 @@ def test_end_to_end_phase1_export_phase2_evaluate(tmp_path, capsys):
   with open(os.path.join(p2_dir, EVAL_FILE)) as f:
     assert json.load(f) == r2
   p2_config.mesh.shape = (-1, 1)                      # restores onto another mesh
-  again = evaluate_llc(p2_config, p2_dir, phase1_workdir=p1_dir)
+  again = evaluate_llc(p2_config, p2_dir, phase1_workdir=p1_dir, retrieval_topk=50)
   assert again['mhd_accuracy'] == r2['mhd_accuracy'] and again['codebook'].endswith('codebook.npy')
+  # retrieval: eval queries against the training split, checked with a full stable argsort
+  from evaluation.from_checkpoint import restore_checkpoint
+  from input_pipeline.sources import build_source
+  from llc.evaluate import collect_codes
+  exp, variables, _ = restore_checkpoint(p2_config, p2_dir)
+  queries = collect_codes(exp, variables)
+  database = collect_codes(exp, variables, build_source(p2_config.dataset, 'train', 0, False)[0])
+  assert again['retrieval_database'] == len(database['label']) == 1437
+  q_bits, d_bits = queries['codes'] >= 0, database['codes'] >= 0
+  aps = []
+  for bits, label in zip(q_bits, queries['label']):
+    order = np.argsort((bits != d_bits).sum(1), kind='stable')[:50]
+    hits = database['label'][order] == label
+    precision = np.cumsum(hits) / np.arange(1, 51)
+    aps.append((precision * hits).sum() / hits.sum() if hits.any() else 0.0)
+  assert again['map@50'] == pytest.approx(np.mean(aps), abs=1e-9)
+  with pytest.raises(ValueError, match='phase-2 workdirs only'):
+    evaluate_llc(p1_config, p1_dir, retrieval_topk=50)
 
   det_config = _digits_config('softmax')
   train_and_evaluate(det_config, det_dir)
