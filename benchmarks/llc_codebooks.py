@@ -28,7 +28,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOT = sys.path[0]
 CONFIG = 'configs/llc_caltech101.py'
 TRAIN_EXAMPLES = 5784
 BASELINES = ('random', 'svd', 'cca')

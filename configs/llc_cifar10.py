@@ -1,8 +1,9 @@
-r"""LLC on real CIFAR-10: ResNet-18 (CIFAR stem), Adam 1e-3 cosine, 30 epochs, batch 128.
+r"""LLC on real CIFAR-10: ResNet-18 (CIFAR stem), SGD momentum 0.9 lr 0.1 wd 5e-4 cosine, 30 epochs,
+batch 128.
 
 Prepare the data once:
   python -m launch.prepare_data --source=cifar10_npz --input_dir=../shared/data --out=.data/cifar10
-Phase 1 (learn a k-bit codebook; default k = 7 ~ 2 log2 10), export it, phase 2 (lr 1e-4,
+Phase 1 (learn a k-bit codebook; default k = 7 ~ 2 log2 10), export it, phase 2 (lr / 10,
 1/4 of the steps, backbone + projection from phase 1), evaluate:
   python -m launch.main --config=configs/llc_cifar10.py:phase=1,bits=7 --workdir=/tmp/llc_c10_p1
   python -m llc.evaluate --config=configs/llc_cifar10.py:phase=1,bits=7 --workdir=/tmp/llc_c10_p1
