@@ -158,6 +158,8 @@ def small_image_recipe(c: ConfigDict, dataset: str = 'cifar10', epochs: int = 30
 def hold_out_classes(c: ConfigDict, fraction: float, seed: int = 0) -> ConfigDict:
   """Trains on a seeded random (1 - fraction) of the classes; the rest become
   `dataset.ood_classes` (out-of-distribution data for evaluation, never trained on)."""
+  if c.dataset.classes:
+    raise ValueError('hold_out_classes needs the full class list, but dataset.classes is set')
   total = c.dataset.num_classes
   num_out = round(fraction * total)
   if not 0 < num_out < total:

@@ -29,8 +29,9 @@ PHASE2_STEP_FRACTION = 0.25
 
 
 def paper_optimizer(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The LLC paper's kind of optimizer for small data: SGD momentum 0.9, coupled weight decay
-  5e-4, lr 0.05 per 64 images (scaled linearly with the batch), warmup + cosine."""
+  """SGD as in the LLC paper, with the usual small-data settings: momentum 0.9, coupled weight
+  decay 5e-4, lr 0.05 per 64 images (linear in the batch), warmup + cosine. (The paper's
+  ImageNet values, momentum 0.875 and decay 2^-15, gave fewer unique codes on Caltech-101.)"""
   c.optimizer.name = 'sgd'
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 5e-4
