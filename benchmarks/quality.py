@@ -9,7 +9,7 @@ workdir under --out (re-running resumes / re-evaluates finished runs). Columns: 
 NLL, ECE (15 bins), training images/s (median over the run's progress lines), head parameter
 count, wall time; for LLC also phase 2 from the phase-1 run (`llc.evaluate`: unique codes,
 strict / lenient ED, MHD, bits right). With several --seeds, each cell is mean +- std. Also writes
-`<out>/<dataset>_acc_vs_nll.png`.
+`<out>/<dataset>_noise<fraction><kind>_acc_vs_nll.png`.
 """
 import argparse
 import json
@@ -33,10 +33,16 @@ def run(cmd: list, log: str) -> str:
   return 'python ' + ' '.join(cmd[1:])
 
 
+def name_suffix(args: argparse.Namespace) -> str:
+  """--config_args as a file-name part: 'tau=0.3:3.0' -> '_tau0.3-3.0'."""
+  if not args.config_args:
+    return ''
+  return '_' + args.config_args.replace(',', '_').replace(':', '-').replace('=', '')
+
+
 def run_one(out: str, dataset: str, head: str, seed: int, args: argparse.Namespace) -> dict:
   extra = f',{args.config_args}' if args.config_args else ''
-  name = f'{dataset}_{head}{extra.replace(",", "_").replace(":", "-").replace("=", "")}' \
-         f'_noise{args.noise}{args.noise_kind[0]}_s{seed}'
+  name = f'{dataset}_{head}{name_suffix(args)}_noise{args.noise}{args.noise_kind[0]}_s{seed}'
   workdir = os.path.join(out, name)
   config = (f'configs/compare_heads.py:dataset={dataset},head={head},epochs={args.epochs},'
             f'width={args.width},noise={args.noise},noise_kind={args.noise_kind}{extra}')
@@ -132,10 +138,11 @@ def main():
     ax.scatter([r['nll'] for r in rs], [r['accuracy'] for r in rs], label=h)
   ax.set_xlabel('test NLL')
   ax.set_ylabel('test accuracy')
-  ax.set_title(f'{args.dataset}, noise {args.noise}')
+  ax.set_title(f'{args.dataset}, noise {args.noise} ({args.noise_kind})')
   ax.legend()
   fig.tight_layout()
-  png = os.path.join(args.out, f'{args.dataset}_noise{args.noise}_acc_vs_nll.png')
+  png = os.path.join(args.out, f'{args.dataset}{name_suffix(args)}_noise{args.noise}'
+                               f'{args.noise_kind[0]}_acc_vs_nll.png')
   fig.savefig(png, dpi=100)
   print(f'\nPlot: {png}')
 
