@@ -6,8 +6,9 @@ tensor exists. With unit scale this is -0.5 |x - mu_k|^2 - (m/2) log 2pi.
 
 loss = (CE(image logits, y) + CE(class logits, arange(K))) / 2, both with label smoothing, where
 the class logits are the densities of the class means themselves ([K, K]): that term pushes
-means apart and smoothing gives it a finite equilibrium. It costs K^2 m, fine up to ~10^4
-classes; beyond that it dominates the step.
+means apart and smoothing gives it a finite equilibrium. It costs K^2 m time, fine up to ~10^4
+classes (beyond that it dominates the step), and O(CLASS_BLOCK * K) memory: rows of class
+means are taken CLASS_BLOCK at a time with a rematerialised body, never the [K, K] matrix.
 
 Parameters: `projection` (Dense D -> m), `class_means` [K, m] (uniform +-sqrt(0.3/m)),
 `class_scales` [K, m] (only with learn_scale; the scale is |table|, initialised to 1). The class
@@ -21,6 +22,8 @@ import numpy as np
 from flax import linen as nn
 
 from heads.base import HeadOutput, class_sharded, softmax_cross_entropy
+
+CLASS_BLOCK = 1024   # class-mean rows per block of the class term
 
 
 def gaussian_log_density(x: jax.Array, means: jax.Array,
@@ -82,11 +85,31 @@ class SOCHead(nn.Module):
                                        self.label_smoothing))
 
 
+def class_mean_term(means: jax.Array, scales: Optional[jax.Array],
+                    label_smoothing: float) -> jax.Array:
+  """mean over k of CE(log N(mu_k; mu_j, s_j) over j, target k), label-smoothed, in blocks of
+  CLASS_BLOCK rows: CE = logsumexp(row) - (1 - eps) row_k - eps mean(row)."""
+  num_classes = means.shape[0]
+  block = min(CLASS_BLOCK, num_classes)
+  num_blocks = -(-num_classes // block)
+  rows = jnp.pad(means, ((0, num_blocks * block - num_classes), (0, 0)))
+  eps = label_smoothing
+
+  @jax.checkpoint
+  def block_sum(start):
+    x = jax.lax.dynamic_slice_in_dim(rows, start, block)
+    logits = gaussian_log_density(x, means, scales)                           # [block, K]
+    index = start + jnp.arange(block)
+    own = jnp.take_along_axis(logits, jnp.minimum(index, num_classes - 1)[:, None], 1)[:, 0]
+    ce = jax.nn.logsumexp(logits, -1) - (1 - eps) * own - eps * logits.mean(-1)
+    return jnp.sum(jnp.where(index < num_classes, ce, 0.0))
+
+  starts = jnp.arange(num_blocks) * block
+  return jnp.sum(jax.lax.map(block_sum, starts)) / num_classes
+
+
 def soc_loss(logits: jax.Array, labels: jax.Array, means: jax.Array,
              scales: Optional[jax.Array], label_smoothing: float) -> jax.Array:
   """Per-example (CE(image logits, y) + CE(class-mean logits, arange(K))) / 2."""
   image_term = softmax_cross_entropy(logits, labels, label_smoothing)
-  class_logits = gaussian_log_density(means, means, scales)
-  class_term = softmax_cross_entropy(class_logits, jnp.arange(means.shape[0]),
-                                     label_smoothing).mean()
-  return (image_term + class_term) / 2.0
+  return (image_term + class_mean_term(means, scales, label_smoothing)) / 2.0

@@ -106,3 +106,24 @@ def test_confidence_scores():
   np.testing.assert_allclose(max_log_density(logits), [0.0, -1.0])
   ent = np.asarray(softmax_entropy(logits))
   assert ent[0] < 1e-3 and np.isclose(ent[1], np.log(3), atol=1e-6)
+
+
+def test_blocked_class_term_equals_the_dense_one_hot_loss(monkeypatch):
+  """The class term in blocks of rows (padding the last) equals CE over the full [K, K]
+  class-logit matrix with smoothed one-hot targets, in value and gradient."""
+  import soc.head
+  rng = np.random.default_rng(3)
+  for num_classes, block, learn_scale in ((7, 3, False), (10, 4, True), (6, 1024, True)):
+    monkeypatch.setattr(soc.head, 'CLASS_BLOCK', block)
+    means = jnp.asarray(rng.standard_normal((num_classes, 4)), jnp.float32)
+    scales = jnp.asarray(0.5 + rng.random((num_classes, 4)), jnp.float32) if learn_scale else None
+
+    def dense(mu):
+      logits = gaussian_log_density(mu, mu, scales)
+      targets = optax.smooth_labels(jax.nn.one_hot(jnp.arange(num_classes), num_classes), 0.1)
+      return optax.softmax_cross_entropy(logits, targets).mean()
+
+    def blocked(mu):
+      return soc.head.class_mean_term(mu, scales, 0.1)
+    np.testing.assert_allclose(blocked(means), dense(means), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(blocked)(means), jax.grad(dense)(means), atol=1e-6)
