@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llc import codebook_io, nested  # noqa: E402
+from llc import nested  # noqa: E402
 
 METHODS = {'prefix': lambda class_bits, m: nested.prefix_bits(class_bits.shape[1], m),
            'greedy': nested.greedy_bits}
@@ -38,20 +38,14 @@ def instance_codes(config: ml_collections.ConfigDict, workdir: str,
                    phase1_workdir: Optional[str] = None) -> tuple[np.ndarray, np.ndarray,
                                                                   np.ndarray]:
   """(instance bits [N, k], labels [N], class bits [L, k]) of a phase-2 workdir's eval split."""
-  import jax
   from evaluation.from_checkpoint import restore_checkpoint
-  from llc.evaluate import collect_codes
+  from llc.evaluate import collect_codes, phase2_class_bits
   if config.model.head != 'llc_instance':
     sys.exit(f'error: {config.model.head!r} is not the phase-2 head llc_instance: --config must '
              'be the phase-2 config of --workdir')
   exp, variables, _ = restore_checkpoint(config, workdir)
   out = collect_codes(exp, variables)
-  if phase1_workdir:
-    class_bits = codebook_io.class_codes(codebook_io.codebook_path(phase1_workdir),
-                                         config.dataset.num_classes,
-                                         config.model.head_kwargs.bits) > 0
-  else:
-    class_bits = np.asarray(jax.device_get(variables['batch_stats']['head']['class_codes'])) > 0
+  class_bits, _ = phase2_class_bits(config, variables, phase1_workdir)
   return out['codes'] >= 0, out['label'], class_bits
 
 

@@ -67,6 +67,18 @@ def collect_codes(exp: Experiment, variables: dict, source: Any = None) -> dict:
   return {k: v[keep] for k, v in c.items()}
 
 
+def phase2_class_bits(config: ml_collections.ConfigDict, variables: dict,
+                      phase1_workdir: Optional[str] = None) -> tuple[np.ndarray, str]:
+  """(class codes [L, k] bool, where they came from) that a phase-2 model decodes against:
+  `phase1_workdir`'s codebook.npy if given, else the checkpoint's fixed class codes."""
+  if phase1_workdir:
+    source = codebook_io.codebook_path(phase1_workdir)
+    return (codebook_io.class_codes(source, config.dataset.num_classes,
+                                    config.model.head_kwargs.bits) > 0, source)
+  codes_pm1 = jax.device_get(variables['batch_stats']['head']['class_codes'])
+  return np.asarray(codes_pm1) > 0, 'checkpoint (batch_stats/head/class_codes)'
+
+
 def _write_json(path: str, record: dict) -> None:
   if jax.process_index() == 0:
     with open(path, 'w') as f:
@@ -105,13 +117,7 @@ def evaluate_llc(config: ml_collections.ConfigDict, workdir: str,
                   class_code_accuracy=float(np.mean(out['prediction'] == out['label'])),
                   codebook=path)
   else:
-    if phase1_workdir:
-      source = codebook_io.codebook_path(phase1_workdir)
-      class_bits = codebook_io.class_codes(source, num_classes, bits) > 0
-    else:
-      source = 'checkpoint (batch_stats/head/class_codes)'
-      class_bits = np.asarray(jax.device_get(
-          variables['batch_stats']['head']['class_codes'])) > 0
+    class_bits, source = phase2_class_bits(config, variables, phase1_workdir)
     record.update(codes.llc_metrics(out['codes'] >= 0, out['label'], class_bits))
     record.update(min_class_distance=codes.min_class_distance(class_bits),
                   logit_accuracy=float(np.mean(out['prediction'] == out['label'])),

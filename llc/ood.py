@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import ml_collections
 import numpy as np
 
-from llc import codebook_io, codes
+from llc import codes
 
 SIZES = (10, 30, 100, 300, 1000, 3000)
 
@@ -98,9 +98,9 @@ def pool_sources(config: ml_collections.ConfigDict) -> list:
           for split in (config.dataset.train_split, config.dataset.eval_split)]
 
 
-def collect_pool(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def collect_pool(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict]:
   """Outputs of the model in `workdir` on the in-distribution eval split and on the held-out
-  classes; 'is_ood' marks the latter."""
+  classes ('is_ood' marks the latter), and its restored variables."""
   from evaluation.from_checkpoint import restore_checkpoint
   from llc.evaluate import collect_codes
   exp, variables, _ = restore_checkpoint(config, workdir)
@@ -109,7 +109,7 @@ def collect_pool(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   out['is_ood'] = np.concatenate([np.zeros(len(parts[0]['label']), bool)] +
                                  [np.ones(len(p['label']), bool) for p in parts[1:]])
-  return out
+  return out, variables
 
 
 def evaluate_ood(config: ml_collections.ConfigDict, workdir: str,
@@ -125,17 +125,16 @@ def evaluate_ood(config: ml_collections.ConfigDict, workdir: str,
       if tuple(det_config.dataset[field]) != tuple(config.dataset[field]):
         raise ValueError(f'--det_config has different dataset.{field} from --config: train both '
                          'with the same ood=F')
-  llc = collect_pool(config, workdir)
+  from llc.evaluate import phase2_class_bits
+  llc, variables = collect_pool(config, workdir)
   bits = config.model.head_kwargs.bits
-  book = codebook_io.codebook_path(phase1_workdir) if phase1_workdir else \
-      config.model.head_kwargs.codebook
-  class_bits = codebook_io.class_codes(book, config.dataset.num_classes, bits) > 0
+  class_bits, _ = phase2_class_bits(config, variables, phase1_workdir)
   _, status = codes.exact_decode(llc['codes'] >= 0, class_bits)
   llc_flags = status == 2   # no class code matches (see codes.exact_decode)
   is_ood = llc['is_ood']
   msp = {'msp_llc': llc['msp']}
   if det_workdir:
-    det = collect_pool(det_config, det_workdir)
+    det, _ = collect_pool(det_config, det_workdir)
     if not np.array_equal(det['is_ood'], is_ood) or not np.array_equal(det['label'],
                                                                       llc['label']):
       raise ValueError('the DET and LLC pools differ: were both configs built the same way?')
@@ -158,7 +157,7 @@ def evaluate_ood(config: ml_collections.ConfigDict, workdir: str,
 
 def markdown(record: dict) -> str:
   names = [k for k in record['rows'][0] if k != 'n']
-  lines = [f'| n tuning samples | ' + ' | '.join(names) + ' |',
+  lines = ['| n tuning samples | ' + ' | '.join(names) + ' |',
            '|---:|' + '---:|' * len(names)]
   for row in record['rows']:
     lines.append(f'| {row["n"]} | ' + ' | '.join(
