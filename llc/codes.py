@@ -136,6 +136,9 @@ def code_table(class_bits) -> CodeTable:
   return CodeTable(keys, first, counts)
 
 
+MATCH, AMBIGUOUS, NO_MATCH = 0, 1, 2   # exact_decode statuses
+
+
 def exact_decode(inst_bits, class_bits: Union[np.ndarray, CodeTable]
                  ) -> Tuple[np.ndarray, np.ndarray]:
   """Exact decoding: look the whole code up in {class code -> classes} (binary search).
@@ -149,7 +152,8 @@ def exact_decode(inst_bits, class_bits: Union[np.ndarray, CodeTable]
   pos = np.minimum(np.searchsorted(table.keys, query), len(table.keys) - 1)
   found = table.keys[pos] == query
   idx = np.where(found, table.first[pos], -1)
-  status = np.where(found, np.where(table.counts[pos] > 1, 1, 0), 2).astype(np.int8)
+  status = np.where(found, np.where(table.counts[pos] > 1, AMBIGUOUS, MATCH),
+                    NO_MATCH).astype(np.int8)
   return idx, status
 
 
@@ -177,10 +181,10 @@ def llc_metrics(inst_bits, labels, class_bits) -> dict:
   true_codes = class_bits[labels]
   return {
       'unique_codes': unique_codes(class_bits),
-      'ed_strict_accuracy': float(np.mean((status == 0) & (ed_idx == labels))),
+      'ed_strict_accuracy': float(np.mean((status == MATCH) & (ed_idx == labels))),
       'ed_lenient_accuracy': float(np.mean(np.all(inst_bits == true_codes, axis=1))),
-      'ed_ambiguous_rate': float(np.mean(status == 1)),
-      'ed_no_match_rate': float(np.mean(status == 2)),
+      'ed_ambiguous_rate': float(np.mean(status == AMBIGUOUS)),
+      'ed_no_match_rate': float(np.mean(status == NO_MATCH)),
       'mhd_accuracy': float(np.mean(mhd_idx == labels)),
       'mhd_tie_rate': float(np.mean(tied)),
       'bits_right': bits_right(inst_bits, true_codes),

@@ -119,7 +119,9 @@ def evaluate_ood(config: ml_collections.ConfigDict, workdir: str,
   if config.model.head != 'llc_instance':
     raise ValueError('llc.ood takes a phase-2 LLC config (model.head llc_instance), got '
                      f'{config.model.head!r}')
-  heldout_config(config)
+  heldout_config(config)   # fails before any restore when nothing is held out
+  if det_workdir and det_config is None:
+    raise ValueError('--det_workdir needs --det_config (the DET config, with the same ood=F)')
   if det_config is not None:
     for field in ('classes', 'ood_classes'):
       if tuple(det_config.dataset[field]) != tuple(config.dataset[field]):
@@ -130,7 +132,7 @@ def evaluate_ood(config: ml_collections.ConfigDict, workdir: str,
   bits = config.model.head_kwargs.bits
   class_bits, _ = phase2_class_bits(config, variables, phase1_workdir)
   _, status = codes.exact_decode(llc['codes'] >= 0, class_bits)
-  llc_flags = status == 2   # no class code matches (see codes.exact_decode)
+  llc_flags = status == codes.NO_MATCH
   is_ood = llc['is_ood']
   msp = {'msp_llc': llc['msp']}
   if det_workdir:

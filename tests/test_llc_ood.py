@@ -83,6 +83,8 @@ def test_digits_end_to_end_against_the_workdirs_own_evaluations(tmp_path):
   det_config = config('softmax')
   train_and_evaluate(det_config, det)
 
+  with pytest.raises(ValueError, match='needs --det_config'):
+    ood.evaluate_ood(p2_config, p2, None, det)
   with pytest.raises(ValueError, match='different dataset.classes'):
     other = base.hold_out_classes(_digits_config('softmax'), 0.3, seed=1)
     ood.evaluate_ood(p2_config, p2, other, det)
