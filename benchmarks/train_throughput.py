@@ -2,10 +2,9 @@ r"""End-to-end training throughput (images/s) of backbone x head x class count, 
 
 Each cell is the project's real jitted training step (`training.loop.make_train_step`: forward,
 loss, backward, optimizer update, sharded over all local devices on the 'data' axis) on a
-fixed synthetic batch already on the device, so the input pipeline is not measured. Heads, as
-`configs/compare_heads.py` builds them at the given K: det (softmax), het and hetxl (R factors,
-S training samples in chunks, learnt temperature, bf16 sample projection when --dtype=bfloat16),
-soc (10 dims), llc (phase 1, ceil(2 log2 K) bits).
+fixed synthetic batch already on the device, so the input pipeline is not measured. Heads are
+`configs.base.comparison_head` (as in `configs/compare_heads.py`) at the given K, with R, S and
+the chunk from the flags; the HET sample projection runs in --dtype.
 
 The issue's GPU measurement (plain Flax ResNet-50 + softmax does ~5,800 images/s on one H100 at
 batch 256):
@@ -16,7 +15,6 @@ CPU-sized (what BENCHMARKS.md records when no GPU is lent):
       --batch=8 --image_size=64 --steps=3 --dtype=float32 --parameter_efficient
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -43,21 +41,11 @@ def build_config(backbone: str, head: str, num_classes: int, a: argparse.Namespa
     c.model.backbone_kwargs.stem = 'imagenet'
   c.optimizer.name = 'adamw'
   c.optimizer.weight_decay = 0.1
-  if head == 'det':
-    base.det_head(c)
-  elif head in ('het', 'hetxl'):
-    base.hetxl_head(c, kind=head, num_factors=a.factors, train_samples=a.samples,
-                    eval_samples=a.samples, chunk=a.chunk,
-                    parameter_efficient=a.parameter_efficient)
+  base.comparison_head(c, head, num_factors=a.factors, train_samples=a.samples,
+                       eval_samples=a.samples, chunk=a.chunk,
+                       parameter_efficient=a.parameter_efficient)
+  if head in ('het', 'hetxl'):
     c.model.head_kwargs.compute_dtype = a.dtype
-  elif head == 'soc':
-    c.model.head = 'soc'
-    c.model.head_kwargs.dims = 10
-  elif head == 'llc':
-    c.model.head = 'llc_codebook'
-    c.model.head_kwargs.bits = math.ceil(2 * math.log2(num_classes))
-  else:
-    raise ValueError(f'unknown head {head!r}: use {HEADS}')
   return c
 
 

@@ -5,6 +5,7 @@ locked (`lock_config=True` in `launch.main`), so a misspelt override fails inste
 silently ignored. Variants come from the string after the colon: `configs/x.py:det,runlocal`
 or `configs/x.py:phase=2,bits=20`; `parse_arg` turns it into a dict.
 """
+import math
 from typing import Dict, Iterable
 
 import ml_collections
@@ -236,6 +237,28 @@ def runlocal_stand_in(c: ConfigDict) -> ConfigDict:
   if 'compute_dtype' in c.model.head_kwargs:
     c.model.head_kwargs.compute_dtype = 'float32'
   c.dataset.eval_split = 'test'
+  return c
+
+
+def comparison_head(c: ConfigDict, head: str, *, num_factors: int, train_samples: int,
+                    eval_samples: int, chunk: int, bounds: tuple = (0.05, 5.0),
+                    parameter_efficient: bool = False) -> ConfigDict:
+  """The heads compared side by side, by name, at the config's class count K: det | het |
+  hetxl | soc (10 dims) | socN (N dims) | llc (LLC phase 1, ceil(2 log2 K) bits)."""
+  if head == 'det':
+    det_head(c)
+  elif head in ('het', 'hetxl'):
+    hetxl_head(c, kind=head, num_factors=num_factors, train_samples=train_samples,
+               eval_samples=eval_samples, chunk=chunk, bounds=bounds,
+               parameter_efficient=parameter_efficient)
+  elif head.startswith('soc') and (head[3:] == '' or head[3:].isdigit()):
+    c.model.head = 'soc'
+    c.model.head_kwargs.dims = int(head[3:] or 10)
+  elif head == 'llc':
+    c.model.head = 'llc_codebook'
+    c.model.head_kwargs.bits = math.ceil(2 * math.log2(c.dataset.num_classes))
+  else:
+    raise ValueError(f'head must be det, het, hetxl, soc, socN or llc, got {head!r}')
   return c
 
 

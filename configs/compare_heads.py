@@ -17,8 +17,6 @@ or 16 (Caltech-101) factors, S = 100 train / 1000 eval samples, temperature lear
 Expected: all heads within a few points of accuracy of DET on clean labels; the differences are
 in NLL and ECE. BENCHMARKS.md has the measured table.
 """
-import math
-
 from configs import base
 from llc import phases
 
@@ -36,27 +34,14 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
                               batch_size=128, stem=stem)
   c.input.num_workers = 1
   c.model.backbone_kwargs.width = float(args.get('width', 1.0))
-  k = c.dataset.num_classes
-  if head == 'det':
-    base.det_head(c)
-  elif head in ('het', 'hetxl'):
-    bounds = tuple(float(v) for v in args.get('tau', '0.05:5.0').split(':'))
-    base.hetxl_head(c, kind=head, num_factors=factors, train_samples=100, eval_samples=1000,
-                    chunk=100, bounds=bounds)
-  elif head.startswith('soc'):  # soc = 10 dims, socN = N dims
-    c.model.head = 'soc'
-    c.model.head_kwargs.dims = int(head[3:] or 10)
-  elif head == 'llc':
-    bits = math.ceil(2 * math.log2(k))
-    if 'phase1' in args:
-      phases.configure(c, {'phase': '2', 'bits': str(bits), 'phase1': args['phase1']}, bits)
-    else:
-      c.model.head = 'llc_codebook'
-      c.model.head_kwargs.bits = bits
-  else:
-    raise ValueError(f'head must be det, het, hetxl, soc or llc, got {head!r}')
-  if 'phase1' in args and head != 'llc':
-    raise ValueError('phase1=DIR applies to head=llc only')
+  bounds = tuple(float(v) for v in args.get('tau', '0.05:5.0').split(':'))
+  base.comparison_head(c, head, num_factors=factors, train_samples=100, eval_samples=1000,
+                       chunk=100, bounds=bounds)
+  if 'phase1' in args:   # LLC phase 2 from that phase-1 workdir
+    if head != 'llc':
+      raise ValueError('phase1=DIR applies to head=llc only')
+    bits = c.model.head_kwargs.bits
+    phases.configure(c, {'phase': '2', 'bits': str(bits), 'phase1': args['phase1']}, bits)
   if 'tau' in args and head not in ('het', 'hetxl'):
     raise ValueError('tau=LO:HI applies to head=het or hetxl only')
   c.dataset.label_noise = float(args.get('noise', 0.0))
