@@ -67,12 +67,15 @@ class EvalPreprocess(grain.transforms.Map):
   channels: int
 
   def map(self, element: dict) -> dict:
-    return preprocess(element, None, eval_mode=self.eval_mode, image_size=self.image_size,
-                      channels=self.channels)
+    out = preprocess(element, None, eval_mode=self.eval_mode, image_size=self.image_size,
+                     channels=self.channels)
+    out['index'] = np.int32(element['index'])
+    return out
 
 
 class PaddedSource:
-  """Pads a source to `length` by repeating element 0 with mask 0, so eval batches are full."""
+  """Pads a source to `length` by repeating element 0 with mask 0, so eval batches are full;
+  each element carries its position `index`."""
 
   def __init__(self, source: Any, length: int):
     self._source, self._length = source, length
@@ -84,6 +87,7 @@ class PaddedSource:
     real = i < len(self._source)
     example = dict(self._source[i if real else 0])
     example['mask'] = 1.0 if real else 0.0
+    example['index'] = i
     return example
 
 
@@ -119,8 +123,9 @@ def eval_dataset(source: Any, *, global_batch: int, eval_mode: str, image_size: 
                  channels: int, num_workers: int = 0) -> tuple[grain.IterDataset, int]:
   """One pass over `source`, padded to whole global batches; returns (dataset, num_batches).
 
-  Global batch j holds examples [j * global_batch, (j + 1) * global_batch); padding examples
-  have mask 0, so every real example is counted exactly once on any number of processes.
+  Global batch j holds examples [j * global_batch, (j + 1) * global_batch), in an order that
+  depends on the process count (`index` gives each one's position); padding examples have
+  mask 0, so every real example is counted exactly once on any number of processes.
   """
   num_batches = max(1, math.ceil(len(source) / global_batch))
   ds = grain.MapDataset.source(PaddedSource(source, num_batches * global_batch))

@@ -8,12 +8,13 @@ On a cluster (TPU pod, multi-node GPU) every process runs the same command; the 
 distributed runtime is initialised from the environment the cluster sets.
 """
 import json
-import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from launch.distributed import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:args]',
                                           lock_config=True)
@@ -21,21 +22,6 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, metr
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (and evaluate) or eval')
 _STEP = flags.DEFINE_integer('step', None, 'eval mode: checkpoint step (default: latest)')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-def initialize_distributed() -> None:
-  """Starts JAX's multi-process runtime when this process is one of several.
-
-  Explicit: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (any cluster, or
-  several processes on one machine). Otherwise JAX detects Cloud TPU pods and SLURM / Open MPI
-  jobs itself. A plain single-process run initialises nothing.
-  """
-  env = os.environ
-  if env.get('JAX_COORDINATOR_ADDRESS') and env.get('JAX_NUM_PROCESSES'):
-    jax.distributed.initialize(env['JAX_COORDINATOR_ADDRESS'], int(env['JAX_NUM_PROCESSES']),
-                               int(env['JAX_PROCESS_ID']))
-  elif (env.get('TPU_WORKER_HOSTNAMES', 'localhost') != 'localhost'
-        or int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1):
-    jax.distributed.initialize()
 
 
 def main(argv):

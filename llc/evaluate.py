@@ -15,7 +15,8 @@ accuracy and tie rate, bits right, unique codes) plus `logit_accuracy` (argmax o
 log-likelihood logits, what the shared evaluator's accuracy is). With `--retrieval_topk=R`
 (phase 2), also MAP@R of Hamming ranking: eval-split codes as queries against the training
 split's codes (un-augmented, clean labels) as the database (`llc.retrieval`).
-Prints one JSON line and writes it to `<workdir>/llc_eval.json`. Runs as one process.
+Prints one JSON line and writes it to `<workdir>/llc_eval.json`. On a cluster every process runs
+the same command (as `launch.main`); each reads its share of the split, and process 0 writes.
 """
 import json
 import os
@@ -30,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from evaluation.from_checkpoint import restore_checkpoint
 from input_pipeline.pipeline import device_batches
 from input_pipeline.sources import build_source
+from launch.distributed import initialize_distributed
 from llc import codebook_io, codes, retrieval
 from training.experiment import Experiment
 from training.mesh import batch_sharding
@@ -41,7 +43,7 @@ PHASES = {'llc_codebook': 1, 'llc_instance': 2}
 def collect_codes(exp: Experiment, variables: dict, source: Any = None) -> dict:
   """One pass over the eval split (or `source`): real codes [N, k] (z or o; absent for heads
   that sow none), argmax [N] and max softmax probability [N] of the logits, and labels [N],
-  padding removed."""
+  padding removed, in the source's order on any number of processes."""
   model = exp.model
 
   def step(params, batch_stats, batch):
@@ -51,7 +53,7 @@ def collect_codes(exp: Experiment, variables: dict, source: Any = None) -> dict:
     return {'codes': None if sown is None else sown[0],
             'prediction': out.logits.argmax(-1),
             'msp': jax.nn.softmax(out.logits.astype(jnp.float32)).max(-1),
-            'label': batch['label'], 'mask': batch['mask']}
+            'label': batch['label'], 'mask': batch['mask'], 'index': batch['index']}
 
   step = jax.jit(step, in_shardings=(exp.shardings.params, exp.shardings.batch_stats,
                                      batch_sharding(exp.mesh)),
@@ -64,7 +66,8 @@ def collect_codes(exp: Experiment, variables: dict, source: Any = None) -> dict:
         columns.setdefault(k, []).append(np.asarray(v))
   c = {k: np.concatenate(v) for k, v in columns.items()}
   keep = c.pop('mask') > 0
-  return {k: v[keep] for k, v in c.items()}
+  order = np.argsort(c.pop('index')[keep])
+  return {k: v[keep][order] for k, v in c.items()}
 
 
 def phase2_class_bits(config: ml_collections.ConfigDict, variables: dict,
@@ -135,6 +138,7 @@ def evaluate_llc(config: ml_collections.ConfigDict, workdir: str,
 
 def main(argv) -> None:
   del argv
+  initialize_distributed()
   record = evaluate_llc(_CONFIG.value, _WORKDIR.value, _PHASE1.value or None, _STEP.value,
                         _TOPK.value)
   print(json.dumps(record), flush=True)

@@ -15,7 +15,8 @@ split plus every example of the held-out classes (train and test splits: none wa
       --workdir=P2 --det_config=configs/llc_caltech101.py:det,ood=0.25 --det_workdir=DET \
       --out=/tmp/ood
 
-Prints a markdown table (and `<out>/ood.json`, `<out>/ood.png`: detection accuracy vs n).
+Prints a markdown table (and `<out>/ood.json`, `<out>/ood.png`: detection accuracy vs n). On a
+cluster every process runs the same command; process 0 prints and writes.
 """
 import json
 import os
@@ -191,8 +192,13 @@ def plot(record: dict, path: str) -> None:
 
 def main(argv) -> None:
   del argv
+  import jax
+  from launch.distributed import initialize_distributed
+  initialize_distributed()
   record = evaluate_ood(_CONFIG.value, _WORKDIR.value, _DET_CONFIG.value, _DET_WORKDIR.value,
                         _PHASE1.value, _REPEATS.value)
+  if jax.process_index() != 0:
+    return
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, 'ood.json'), 'w') as f:
     json.dump(record, f, indent=1)

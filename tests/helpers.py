@@ -1,4 +1,4 @@
-"""Shared test helpers: config loading and running launch.main in a subprocess."""
+"""Shared test helpers: config loading and running a module (launch.main, ...) in a subprocess."""
 import os
 import subprocess
 import sys
@@ -13,16 +13,21 @@ def load_config(path: str, arg: str | None = None):
   return module.get_config(arg)
 
 
-def run_main(*args: str, devices: int = 1, timeout: int = 300, check: bool = True,
-             env: dict | None = None) -> subprocess.CompletedProcess:
-  """Runs `python -m launch.main ARGS` with `devices` fake CPU devices."""
+def run_module(module: str, *args: str, devices: int = 1, timeout: int = 300,
+               check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+  """Runs `python -m MODULE ARGS` with `devices` fake CPU devices."""
   full_env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
                   XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **(env or {}))
-  proc = subprocess.run([sys.executable, '-m', 'launch.main', *args], cwd=ROOT, env=full_env,
+  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=full_env,
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
-    raise AssertionError(f'launch.main {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+    raise AssertionError(f'{module} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
   return proc
+
+
+def run_main(*args: str, **kwargs) -> subprocess.CompletedProcess:
+  """Runs `python -m launch.main ARGS` (keyword arguments as `run_module`)."""
+  return run_module('launch.main', *args, **kwargs)
 
 
 def last_json(stdout: str) -> dict:
