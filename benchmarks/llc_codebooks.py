@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROOT = sys.path[0]
@@ -149,7 +151,6 @@ def main(argv=None) -> None:
 
 def print_tables(a: argparse.Namespace, det: str) -> None:
   from llc import codes
-  import numpy as np
   det_acc = read(os.path.join(det, 'eval_results.json')).get('accuracy', float('nan'))
   print(f'\nDET (real-valued softmax) test accuracy: {100 * det_acc:.2f}%\n')
   print('| k | codebook | unique codes | min dist | strict ED % | lenient ED % | no match % '
@@ -171,6 +172,7 @@ def print_tables(a: argparse.Namespace, det: str) -> None:
     if p1:
       print(f'| {k} | LLC phase 1 | {p1["unique_codes"]}/101 | {p1["min_class_distance"]} '
             f'| class-code accuracy {100 * p1["class_code_accuracy"]:.2f} | | | | | | |')
+  print_collisions(a)
   if a.warm_starts:
     k = a.warm_start_bits or a.bits[0]
     print('\n| k | phase-1 init | unique before | unique after | min dist after '
@@ -183,6 +185,38 @@ def print_tables(a: argparse.Namespace, det: str) -> None:
         before = codes.unique_codes(np.load(book) > 0)
         print(f'| {k} | {kind} | {before} | {e["unique_codes"]} | {e["min_class_distance"]} '
               f'| {100 * e["class_code_accuracy"]:.2f} |')
+
+
+def initial_codebook(a: argparse.Namespace, bits: int) -> tuple[np.ndarray, tuple]:
+  """(phase 1's codebook before training, as launch.main draws it from the config's seed;
+  the class names)."""
+  import jax
+  from configs.llc_caltech101 import get_config
+  from training.experiment import Experiment
+  from training.state import create_state
+  c = get_config(f'phase=1,bits={bits}')
+  c.model.backbone_kwargs.width, c.input.image_size = a.width, a.image_size
+  exp = Experiment.build(c)
+  state = create_state(exp.model, exp.tx, exp.image_shape, exp.shardings, jax.random.key(c.seed))
+  return np.asarray(jax.device_get(state.params['head']['codebook'])), exp.info.class_names
+
+
+def print_collisions(a: argparse.Namespace) -> None:
+  """How phase 1 changed the codebook: distinct codes and shared-code groups, before / after."""
+  from llc import codes
+  print('\n| k | unique codes: init -> learnt | bits flipped % | classes sharing a code, init '
+        '| classes sharing a code, learnt |')
+  print('|---|---|---|---|---|')
+  for k in a.bits:
+    path = os.path.join(a.root, f'llc{k}_p1', 'codebook.npy')
+    if not os.path.exists(path):
+      continue
+    learnt = np.load(path) > 0
+    init, names = initial_codebook(a, k)
+    init = init > 0
+    show = lambda book: '; '.join('/'.join(names[c] for c in g) for g in codes.shared_codes(book))
+    print(f'| {k} | {codes.unique_codes(init)} -> {codes.unique_codes(learnt)} '
+          f'| {100 * np.mean(init != learnt):.1f} | {show(init) or "-"} | {show(learnt) or "-"} |')
 
 
 if __name__ == '__main__':

@@ -162,6 +162,14 @@ def unique_codes(class_bits) -> int:
   return int(np.unique(row_keys(pack(class_bits))).size)
 
 
+def shared_codes(class_bits) -> list[list[int]]:
+  """Groups of classes (ascending, each of 2 or more) whose codes are identical, by first class."""
+  _, inverse, counts = np.unique(row_keys(pack(class_bits)), return_inverse=True,
+                                 return_counts=True)
+  groups = [np.flatnonzero(inverse == g).tolist() for g in np.flatnonzero(counts > 1)]
+  return sorted(groups)
+
+
 def bits_right(inst_bits, true_class_bits) -> float:
   """Mean over rows of k - Hamming(instance code, its true class code); inputs aligned [N, k]."""
   inst_bits, true_class_bits = as_bool(inst_bits), as_bool(true_class_bits)

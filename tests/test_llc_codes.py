@@ -117,6 +117,15 @@ def test_exact_decode_statuses_on_planted_duplicate(k):
   np.testing.assert_array_equal(status, [0, 1, 2, 0])
   np.testing.assert_array_equal(idx, [0, 1, -1, 4])
   assert codes.unique_codes(book) == 4
+  assert codes.shared_codes(book) == [[1, 3]]
+
+
+def test_shared_codes_matches_pairwise_equality():
+  book = random_bits(np.random.default_rng(4), 60, 4)        # 60 classes, 16 codes
+  equal = np.all(book[:, None, :] == book[None, :, :], axis=-1)
+  want = sorted({tuple(np.flatnonzero(row)) for row in equal if row.sum() > 1})
+  assert [tuple(g) for g in codes.shared_codes(book)] == want
+  assert codes.shared_codes(book[:1]) == []
 
 
 def test_exact_decode_matches_dense_reference_with_many_duplicates():
