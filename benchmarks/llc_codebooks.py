@@ -13,6 +13,8 @@ momentum 0.9, lr 0.05, weight decay 5e-4, warmup + cosine), the paper's:
      (`--baseline_lr`) instead of lr / 10. Each method thus trains `1.25 * --epochs` in all.
   4. `--warm_starts svd cca`: LLC phase 1 from scratch with `codebook_init` = that baseline, at
      `--warm_start_bits` (default the first k): does a collapsed codebook end unique?
+  5. per phase-1 run: its start codebook (the seeded N(0, 2/k) draw, re-drawn here as
+     `launch.main` does, or the warm start) against the learnt one: which classes share a code.
 Runs whose result file exists are skipped, so re-running continues. Logs go to
 <workdir>.train.log / .llc_eval.log. Prints the commands (`--dry_run` prints only them) and
 markdown tables.
@@ -150,7 +152,6 @@ def main(argv=None) -> None:
 
 
 def print_tables(a: argparse.Namespace, det: str) -> None:
-  from llc import codes
   det_acc = read(os.path.join(det, 'eval_results.json')).get('accuracy', float('nan'))
   print(f'\nDET (real-valued softmax) test accuracy: {100 * det_acc:.2f}%\n')
   print('| k | codebook | unique codes | min dist | strict ED % | lenient ED % | no match % '
@@ -172,19 +173,7 @@ def print_tables(a: argparse.Namespace, det: str) -> None:
     if p1:
       print(f'| {k} | LLC phase 1 | {p1["unique_codes"]}/101 | {p1["min_class_distance"]} '
             f'| class-code accuracy {100 * p1["class_code_accuracy"]:.2f} | | | | | | |')
-  print_collisions(a)
-  if a.warm_starts:
-    k = a.warm_start_bits or a.bits[0]
-    print('\n| k | phase-1 init | unique before | unique after | min dist after '
-          '| class-code acc % |')
-    print('|---|---|---|---|---|---|')
-    for kind in a.warm_starts:
-      book = os.path.join(a.root, f'{kind}{k}.npy')
-      e = read(os.path.join(a.root, f'llc{k}_from_{kind}_p1', 'llc_eval.json'))
-      if e and os.path.exists(book):
-        before = codes.unique_codes(np.load(book) > 0)
-        print(f'| {k} | {kind} | {before} | {e["unique_codes"]} | {e["min_class_distance"]} '
-              f'| {100 * e["class_code_accuracy"]:.2f} |')
+  print_phase1_codebooks(a)
 
 
 def initial_codebook(a: argparse.Namespace, bits: int) -> tuple[np.ndarray, tuple]:
@@ -201,22 +190,32 @@ def initial_codebook(a: argparse.Namespace, bits: int) -> tuple[np.ndarray, tupl
   return np.asarray(jax.device_get(state.params['head']['codebook'])), exp.info.class_names
 
 
-def print_collisions(a: argparse.Namespace) -> None:
-  """How phase 1 changed the codebook: distinct codes and shared-code groups, before / after."""
+def print_phase1_codebooks(a: argparse.Namespace) -> None:
+  """What phase 1 did to its starting codebook (N(0, 2/k) or a warm start): distinct codes,
+  bits flipped, and the groups of classes sharing a code (kept: exactly the same classes still
+  share one code; resolved: the other groups of the start; new: groups the start did not have)."""
   from llc import codes
-  print('\n| k | unique codes: init -> learnt | bits flipped % | classes sharing a code, init '
-        '| classes sharing a code, learnt |')
-  print('|---|---|---|---|---|')
-  for k in a.bits:
-    path = os.path.join(a.root, f'llc{k}_p1', 'codebook.npy')
-    if not os.path.exists(path):
+  groups = lambda book: {tuple(g) for g in codes.shared_codes(book)}
+  runs = [(k, 'N(0, 2/k)', f'llc{k}_p1', None) for k in a.bits]
+  ws_bits = a.warm_start_bits or a.bits[0]
+  runs += [(ws_bits, kind, f'llc{ws_bits}_from_{kind}_p1', f'{kind}{ws_bits}.npy')
+           for kind in a.warm_starts]
+  print('\n| k | phase-1 start | unique codes: start -> learnt | bits flipped % | shared-code '
+        'groups at start: resolved / kept | new groups | class-code acc % | classes sharing a '
+        'code, learnt |')
+  print('|---|---|---|---|---|---|---|---|')
+  for k, start, workdir, start_file in runs:
+    e = read(os.path.join(a.root, workdir, 'llc_eval.json'))
+    if not e:
       continue
-    learnt = np.load(path) > 0
     init, names = initial_codebook(a, k)
-    init = init > 0
-    show = lambda book: '; '.join('/'.join(names[c] for c in g) for g in codes.shared_codes(book))
-    print(f'| {k} | {codes.unique_codes(init)} -> {codes.unique_codes(learnt)} '
-          f'| {100 * np.mean(init != learnt):.1f} | {show(init) or "-"} | {show(learnt) or "-"} |')
+    before = (np.load(os.path.join(a.root, start_file)) if start_file else init) > 0
+    after = np.load(os.path.join(a.root, workdir, 'codebook.npy')) > 0
+    kept, new = groups(before) & groups(after), groups(after) - groups(before)
+    shared = '; '.join('/'.join(names[c] for c in g) for g in sorted(groups(after))) or '-'
+    print(f'| {k} | {start} | {codes.unique_codes(before)} -> {codes.unique_codes(after)} '
+          f'| {100 * np.mean(before != after):.1f} | {len(groups(before)) - len(kept)} / '
+          f'{len(kept)} | {len(new)} | {100 * e["class_code_accuracy"]:.2f} | {shared} |')
 
 
 if __name__ == '__main__':
