@@ -11,6 +11,8 @@ momentum 0.9, lr 0.05, weight decay 5e-4, warmup + cosine), the paper's:
   3. per k and baseline (random seed 0, SVD, CCA): phase 2 with that fixed codebook from the DET
      backbone, `--epochs / 4`; its projection starts fresh, so it gets the phase-1 lr
      (`--baseline_lr`) instead of lr / 10. Each method thus trains `1.25 * --epochs` in all.
+     The LLC codebook gets the same treatment (row `llc_codebook_det_backbone`): the codebooks
+     then differ and nothing else, while row `LLC` also carries phase 1's own backbone.
   4. `--warm_starts svd cca`: LLC phase 1 from scratch with `codebook_init` = that baseline, at
      `--warm_start_bits` (default the first k): does a collapsed codebook end unique?
   5. per phase-1 run: its start codebook (the seeded N(0, 2/k) draw, re-drawn here as
@@ -38,6 +40,7 @@ ROOT = sys.path[0]
 CONFIG = 'configs/llc_caltech101.py'
 TRAIN_EXAMPLES = 5784
 BASELINES = ('random', 'svd', 'cca')
+LLC_ON_DET = 'llc_codebook_det_backbone'   # the learnt codebook, phase 2 as the baselines'
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,9 +136,11 @@ def main(argv=None) -> None:
     r.llc_eval(f'phase=1,bits={k}', p1)
     r.train(f'phase=2,bits={k},phase1={p1}', p2, p2_steps)
     r.llc_eval(f'phase=2,bits={k},phase1={p1}', p2)
-    for kind in BASELINES:
-      book = os.path.join(a.root, f'{kind}{k}.npy')
-      r.baseline(kind, k, det, book)
+    for kind in (*BASELINES, LLC_ON_DET):
+      book = os.path.join(p1, 'codebook.npy')
+      if kind != LLC_ON_DET:
+        book = os.path.join(a.root, f'{kind}{k}.npy')
+        r.baseline(kind, k, det, book)
       w = os.path.join(a.root, f'{kind}{k}_p2')
       r.train(f'phase=2,bits={k},codebook={book},backbone_from={det}', w, p2_steps,
               lr=a.baseline_lr or 0.05 * a.batch_size / 64)
@@ -160,7 +165,7 @@ def print_tables(a: argparse.Namespace, det: str) -> None:
   for k in a.bits:
     p1 = read(os.path.join(a.root, f'llc{k}_p1', 'llc_eval.json'))
     rows = [('LLC', os.path.join(a.root, f'llc{k}_p2'))]
-    rows += [(kind, os.path.join(a.root, f'{kind}{k}_p2')) for kind in BASELINES]
+    rows += [(kind, os.path.join(a.root, f'{kind}{k}_p2')) for kind in (*BASELINES, LLC_ON_DET)]
     for name, workdir in rows:
       e = read(os.path.join(workdir, 'llc_eval.json'))
       if not e:
