@@ -19,11 +19,11 @@ fixed codebook of phase 2 (`codebook=FILE,backbone_from=DET`) or as a phase-1 wa
       --config=configs/llc_caltech101.py:det --out=/tmp/cca10.npy
   python -m llc.baseline_codebooks --kind=random --bits=10 --num_classes=101 --out=/tmp/rand10.npy
 Expected: the full recipe (64 px, 60 epochs) was not run here (CPU only). Scaled down
-(ResNet-18 width 1/4 at 32x32, 10 epochs, phase 2 2.5 epochs; `benchmarks/llc_codebooks.py`,
-table in BENCHMARKS.md): DET 46.0%; LLC phase-1 class-code accuracy 35.7 / 38.9 / 42.9% with
-60 / 93 / 100 unique codes at k = 7 / 10 / 14; after phase 2 MHD 32.1 / 35.0 / 38.1% (best or
-tied best against fixed random / SVD / CCA codebooks), strict ED 30.4 / 29.2 / 21.0%.
-Codes of similar classes merge at that budget: expect all-unique codes only from long runs.
+(ResNet-18 width 1/4 at 32x32, 30 epochs, phase 2 7.5 epochs; `benchmarks/llc_codebooks.py`,
+tables in BENCHMARKS.md): DET 67.6%; LLC phase-1 class-code accuracy 47.4 / 56.2 / 60.7% with
+65 / 98 / 101 distinct codes at k = 7 / 10 / 14; after phase 2 MHD 44.7 / 51.3 / 54.2% (the
+DET run's SVD codebook: 46.5 / 52.3 / 55.9%), strict ED 42.1 / 43.6 / 35.0%. Below k = 14 some
+classes share a code (a random 7-bit codebook of 101 classes has about 71 distinct codes).
 `:runlocal` trains a tiny-width ResNet-18 for a few steps on CPU.
 """
 from configs import base
