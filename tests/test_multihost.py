@@ -2,7 +2,8 @@
 
 Checks that global batches assemble from each process's own shard (the per-step losses equal a
 one-process run over the same 4 devices), that a 2-process checkpoint (model + both iterator
-states) resumes with the same batches, and that eval counts every example once.
+states) resumes with the same batches, that eval counts every example once, and that the LLC
+tools (llc.evaluate, llc.ood) give the same records on 2 processes as on 1.
 """
 import json
 import os
