@@ -25,6 +25,7 @@ markdown tables.
       --warm_start_bits 7
 """
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -209,19 +210,21 @@ def print_phase1_codebooks(a: argparse.Namespace) -> None:
         'groups at start: resolved / kept | new groups | class-code acc % | classes sharing a '
         'code, learnt |')
   print('|---|---|---|---|---|---|---|---|')
+  draw = functools.lru_cache(lambda k: initial_codebook(a, k))   # one model init per k
   for k, start, workdir, start_file in runs:
     e = read(os.path.join(a.root, workdir, 'llc_eval.json'))
     if not e:
       continue
-    init, names = initial_codebook(a, k)
+    init, names = draw(k)
     before = (np.load(os.path.join(a.root, start_file)) if start_file else init) > 0
     after = np.load(os.path.join(a.root, workdir, 'codebook.npy')) > 0
-    kept, new = groups(before) & groups(after), groups(after) - groups(before)
-    shared = '; '.join('/'.join(names[c] for c in g) for g in sorted(groups(after))) or '-'
+    start_groups, learnt_groups = groups(before), groups(after)
+    kept = start_groups & learnt_groups
+    shared = '; '.join('/'.join(names[c] for c in g) for g in sorted(learnt_groups)) or '-'
     print(f'| {k} | {start} | {codes.unique_codes(before)} -> {codes.unique_codes(after)} '
-          f'| {100 * np.mean(before != after):.1f} | {len(groups(before)) - len(kept)} / '
-          f'{len(kept)} | {len(new)} | {100 * e["class_code_accuracy"]:.2f} | {shared} |')
-
+          f'| {100 * np.mean(before != after):.1f} | {len(start_groups) - len(kept)} / '
+          f'{len(kept)} | {len(learnt_groups - start_groups)} '
+          f'| {100 * e["class_code_accuracy"]:.2f} | {shared} |')
 
 if __name__ == '__main__':
   main()
