@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from heads.base import HeadOutput, class_sharded, link_loss, sigmoid_cross_entropy
+from heads.base import (HeadOutput, class_sharded, link_loss, sigmoid_cross_entropy,
+                        sigmoid_targets)
 from heads.temperature import BoundedTemperature
 from hetxl import mc
 
@@ -127,8 +128,6 @@ class _HeteroscedasticHead(nn.Module):
     if self.num_factors < 0 or (self.parameter_efficient and self.num_factors == 0):
       raise ValueError(f'num_factors must be >= 0 (>= 1 when parameter_efficient), '
                        f'got {self.num_factors}')
-    if self.label_smoothing and self.link != 'softmax':
-      raise ValueError('label_smoothing is only supported with the softmax link')
     if min(self.train_mc_samples, self.eval_mc_samples) < 1:
       raise ValueError('train_mc_samples and eval_mc_samples must be >= 1')
     if not self.learn_temperature and self.temperature <= 0:
@@ -251,12 +250,13 @@ class _HeteroscedasticHead(nn.Module):
     if self.clip_probs_parity:
       p = jnp.exp(log_p)
       logits = jnp.log(jnp.clip(p, CLIP_EPS)) - jnp.log(1.0 - jnp.clip(p, CLIP_EPS, 1 - CLIP_EPS))
-      loss = None if labels is None else sigmoid_cross_entropy(logits, labels)
+      loss = None if labels is None else sigmoid_cross_entropy(logits, labels,
+                                                                self.label_smoothing)
       return HeadOutput(logits, loss)
     logits = log_p - log_1mp
     loss = None
     if labels is not None:
-      y = jax.nn.one_hot(labels, K, dtype=jnp.float32)
+      y = sigmoid_targets(labels, K, self.label_smoothing)
       loss = -(y * log_p + (1.0 - y) * log_1mp).sum(-1)
     return HeadOutput(logits, loss)
 

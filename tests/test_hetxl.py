@@ -387,8 +387,7 @@ def test_bfloat16_compute_close_to_float32():
 
 def test_invalid_options():
   x = features()
-  for kwargs in (dict(link='softmx'), dict(diag_noise='diag'),
-                 dict(link='sigmoid', label_smoothing=0.1)):
+  for kwargs in (dict(link='softmx'), dict(diag_noise='diag')):
     with pytest.raises(ValueError):
       jax.eval_shape(lambda: HETXLHead(num_classes=K, num_factors=R, **kwargs).init(
           rngs(0, True), x))
