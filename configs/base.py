@@ -75,6 +75,13 @@ def base_config() -> ConfigDict:
   c.optimizer.nesterov = False
   c.optimizer.weight_decay = 0.0   # decoupled for adamw, coupled (L2 in grads) otherwise
   c.optimizer.grad_clip_norm = 0.0
+  # Per-parameter rules on paths like 'backbone/conv1/kernel' (re.fullmatch, first match wins;
+  # a rule matching nothing is an error), see training/optimizer.py:
+  c.optimizer.frozen = ()          # regexes: never updated, no optimizer state
+  c.optimizer.lr_mults = ()        # ((regex, m), ...): update (decay included) times m; 0 freezes
+  c.optimizer.wd_mults = ()        # ((regex, m), ...): weight decay times m
+  c.optimizer.decay_all = False    # unmatched params: False = all but bias, norm scale and
+                                   # temperature decay; True = all decay (uncertainty-baselines JFT)
 
   c.train = ConfigDict()
   c.train.num_steps = 1000

@@ -21,8 +21,10 @@ def test_config_builds_runlocal(name):
   # Abstract model + optimizer state (no compile, no data read for private datasets).
   from training.model import build_model
   from training.optimizer import build_optimizer
+  from training.state import abstract_params
   model = build_model(config)
-  tx = build_optimizer(config.optimizer, config.train.num_steps)
+  shape = (config.input.image_size or config.dataset.image_size,) * 2 + (config.dataset.channels,)
+  tx = build_optimizer(config.optimizer, config.train.num_steps, abstract_params(model, shape))
   assert model.head.num_classes == config.dataset.num_classes
   assert tx is not None
 

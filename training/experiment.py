@@ -14,7 +14,7 @@ from input_pipeline.sources import DatasetInfo, Subset, build_source
 from training.mesh import build_mesh
 from training.model import build_model
 from training.optimizer import build_optimizer, build_schedule
-from training.state import TrainState, state_shardings
+from training.state import TrainState, abstract_params, state_shardings
 
 
 @dataclasses.dataclass
@@ -44,7 +44,8 @@ class Experiment:
                        image_size=config.input.image_size, channels=config.dataset.channels)
     image_shape = tuple(np.shape(first['image']))
     model = build_model(config)
-    tx = build_optimizer(config.optimizer, config.train.num_steps)
+    tx = build_optimizer(config.optimizer, config.train.num_steps,
+                         abstract_params(model, image_shape))
     abstract, shardings = state_shardings(model, tx, image_shape, mesh)
     return cls(config, mesh, model, tx, build_schedule(config.optimizer, config.train.num_steps),
                image_shape, abstract, shardings, source, info)

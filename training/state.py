@@ -36,15 +36,24 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, image_sh
   specs = jax.tree.map(lambda s, a: fit_spec(s, a.shape, mesh), specs, abstract_vars,
                        is_leaf=lambda x: isinstance(x, P))
   abstract_opt = jax.eval_shape(tx.init, abstract_vars['params'])
-  opt_specs = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, specs['params'],
-                                    transform_non_params=lambda _: P(),
-                                    is_leaf=lambda x: isinstance(x, P))
+  # Masked optimizer states (frozen parameters, optax.partition) hold MaskedNode in place of
+  # the parameters they keep no state for: kept as they are.
+  masked = lambda x: isinstance(x, (P, optax.MaskedNode))
+  opt_specs = optax.tree_map_params(
+      tx, lambda a, s: a if isinstance(a, optax.MaskedNode) else s, abstract_opt,
+      specs['params'], transform_non_params=lambda _: P(), is_leaf=masked)
   spec_state = TrainState(P(), specs['params'], specs['batch_stats'], opt_specs)
   abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_vars['params'],
                         abstract_vars['batch_stats'], abstract_opt)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), spec_state,
                            is_leaf=lambda x: isinstance(x, P))
   return abstract, shardings
+
+
+def abstract_params(model: nn.Module, image_shape: tuple) -> Any:
+  """The model's parameters as ShapeDtypeStructs (no compute): what the optimizer is built for."""
+  boxed = jax.eval_shape(lambda k: _init_variables(model, image_shape, k), jax.random.key(0))
+  return nn.meta.unbox(boxed)['params']
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple,
