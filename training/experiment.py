@@ -1,6 +1,6 @@
 """What train and eval both need from a config: mesh, model, optimizer, state layout, eval data."""
 import dataclasses
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from input_pipeline.pipeline import eval_dataset, preprocess
 from input_pipeline.sources import DatasetInfo, Subset, build_source
-from training.mesh import build_mesh
+from training.mesh import batch_sharding, build_mesh
 from training.model import build_model
 from training.optimizer import build_optimizer, build_schedule
 from training.state import TrainState, abstract_params, state_shardings
@@ -31,24 +31,46 @@ class Experiment:
   info: DatasetInfo
 
   @classmethod
-  def build(cls, config: ml_collections.ConfigDict) -> 'Experiment':
-    mesh = build_mesh(config.mesh.axes, config.mesh.shape)
+  def build(cls, config: ml_collections.ConfigDict,
+            devices: Optional[Sequence[jax.Device]] = None, *,
+            with_data: bool = True) -> 'Experiment':
+    """Mesh (over `devices`, default all), model, optimizer, state layout and eval data.
+
+    `with_data=False` (ahead-of-time compilation) opens no dataset when the config fixes the
+    image shape (`config_image_shape`); `eval_source` and `info` are then None.
+    """
+    mesh = build_mesh(config.mesh.axes, config.mesh.shape, devices)
     for name, size in (('input.batch_size', config.input.batch_size),
                        ('input.eval_batch_size', config.input.eval_batch_size)):
       if size % mesh.shape['data']:
         raise ValueError(f'{name}={size} is not divisible by the data axis ({mesh.shape["data"]})')
-    source, info = build_source(config.dataset, config.dataset.eval_split, config.seed, train=False)
-    if config.eval.max_examples:
-      source = Subset(source, config.eval.max_examples)
-    first = preprocess(source[0], None, eval_mode=config.input.eval_preprocess,
-                       image_size=config.input.image_size, channels=config.dataset.channels)
-    image_shape = tuple(np.shape(first['image']))
+    source = info = None
+    image_shape = None if with_data else config_image_shape(config)
+    if image_shape is None:
+      source, info = build_source(config.dataset, config.dataset.eval_split, config.seed,
+                                  train=False)
+      if config.eval.max_examples:
+        source = Subset(source, config.eval.max_examples)
+      first = preprocess(source[0], None, eval_mode=config.input.eval_preprocess,
+                         image_size=config.input.image_size, channels=config.dataset.channels)
+      image_shape = tuple(np.shape(first['image']))
     model = build_model(config)
     tx = build_optimizer(config.optimizer, config.train.num_steps,
                          abstract_params(model, image_shape))
     abstract, shardings = state_shardings(model, tx, image_shape, mesh)
     return cls(config, mesh, model, tx, build_schedule(config.optimizer, config.train.num_steps),
                image_shape, abstract, shardings, source, info)
+
+  def abstract_batch(self) -> dict:
+    """One global train batch as `to_global` assembles it, without data: ShapeDtypeStructs
+    sharded over 'data' (`batch_sharding`). image uint8 [B, H, W, C], label int32 [B], mask
+    float32 [B] (per example what `input_pipeline.pipeline.preprocess` emits), B =
+    `input.batch_size`. The one place that knows the batch layout ahead of time."""
+    b, sharding = self.config.input.batch_size, batch_sharding(self.mesh)
+    shapes = {'image': ((b, *self.image_shape), np.uint8), 'label': ((b,), np.int32),
+              'mask': ((b,), np.float32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+            for k, (shape, dtype) in shapes.items()}
 
   def eval_dataset(self, source: Any = None):
     """One padded pass over the eval split (or over `source`, preprocessed the same way)."""
@@ -59,5 +81,21 @@ class Experiment:
                         channels=c.dataset.channels, num_workers=c.input.num_workers)[0]
 
   def abstract_restore_target(self) -> TrainState:
+    """The state as ShapeDtypeStructs carrying their shardings (restore target; AOT lowering)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self.abstract_state, self.shardings)
+
+
+def config_image_shape(config: ml_collections.ConfigDict) -> Optional[tuple]:
+  """The model's input image shape (H, W, C) when the config alone fixes it, else None.
+
+  Fixed when `input.image_size` and `dataset.channels` are set (the pipeline resizes / crops to
+  that size and decodes to that many channels), or for the synthetic source (its stored size).
+  Otherwise (bundled in-memory sources at their stored size) only the data can tell.
+  """
+  ds, size = config.dataset, config.input.image_size
+  if size and ds.channels:
+    return (size, size, ds.channels)
+  if ds.name == 'synthetic':
+    return (ds.image_size, ds.image_size, ds.channels)
+  return None

@@ -1,5 +1,5 @@
 """The device mesh and the shardings derived from it."""
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -7,14 +7,16 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 
-def build_mesh(axes: Sequence[str], shape: Sequence[int]) -> Mesh:
-  """A mesh over all devices; one entry of `shape` may be -1 (all remaining devices)."""
+def build_mesh(axes: Sequence[str], shape: Sequence[int],
+               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A mesh over `devices` (default: all devices); one entry of `shape` may be -1 (all remaining
+  devices). `devices` may be a TPU topology's compile-only devices (ahead-of-time compilation)."""
   axes, shape = tuple(axes), list(shape)
   if len(axes) != len(shape):
     raise ValueError(f'mesh.axes {axes} and mesh.shape {tuple(shape)} differ in length')
   if 'data' not in axes:
     raise ValueError(f"mesh.axes must contain 'data', got {axes}")
-  n = jax.device_count()
+  n = jax.device_count() if devices is None else len(devices)
   if shape.count(-1) > 1:
     raise ValueError(f'at most one -1 in mesh.shape, got {tuple(shape)}')
   if -1 in shape:
@@ -24,7 +26,8 @@ def build_mesh(axes: Sequence[str], shape: Sequence[int]) -> Mesh:
     shape[shape.index(-1)] = n // rest
   if int(np.prod(shape)) != n:
     raise ValueError(f'mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {n}')
-  return jax.make_mesh(tuple(shape), axes, axis_types=(AxisType.Auto,) * len(axes))
+  return jax.make_mesh(tuple(shape), axes, axis_types=(AxisType.Auto,) * len(axes),
+                       devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
