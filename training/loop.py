@@ -1,4 +1,5 @@
 """The training loop: one linear function, sectioned, that a reader can follow top to bottom."""
+import contextlib
 import json
 import os
 import signal
@@ -93,16 +94,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates. Returns the
   final eval metrics."""
   os.makedirs(workdir, exist_ok=True)
-  with WorkdirLock(workdir):
-    return _train(config, workdir)
+  # The exit stack closes the checkpointer and the metric writer however `_train` ends; closing
+  # the checkpointer waits for a pending async save, so an exception raised after a save (a
+  # NaN stop, a crash in eval) never loses that save.
+  with WorkdirLock(workdir), contextlib.ExitStack() as cleanup:
+    return _train(config, workdir, cleanup)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           cleanup: contextlib.ExitStack) -> dict:
   # ----- Setup: mesh, model, optimizer, state layout, logging.
   exp = Experiment.build(config)
   save_config(workdir, config)
   check_signature(workdir, exp.abstract_state.params)
-  writer = MetricWriter(workdir)
+  writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir)))
   logging.info('mesh %s; %d params', dict(exp.mesh.shape), param_count(exp.abstract_state.params))
 
   # ----- Input: grain, sharded per process; assembled into global arrays per step.
@@ -116,9 +121,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_sharding = batch_sharding(exp.mesh)
 
   # ----- State: restore the latest checkpoint (model, optimizer, step, data order) or init.
-  ckpt = Checkpointer(workdir, save_every=config.train.checkpoint_every,
-                      keep=config.train.keep_checkpoints,
-                      use_async=config.train.async_checkpointing)
+  ckpt = cleanup.enter_context(contextlib.closing(Checkpointer(
+      workdir, save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
+      use_async=config.train.async_checkpointing)))
   start = ckpt.latest_step()
   if start is None:
     state = create_state(exp.model, exp.tx, exp.image_shape, exp.shardings,
@@ -204,7 +209,4 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if final_step >= num_steps:
     eval_metrics = {'step': final_step, **run_eval(final_step)}
     print(json.dumps(eval_metrics), flush=True)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
   return eval_metrics
