@@ -193,15 +193,21 @@ def hetxl_head(c: ConfigDict, *, kind: str = 'hetxl', num_factors: int, link: st
                parameter_efficient: bool = False, train_samples: int = 1000,
                eval_samples: int = 1000, chunk: int = 128, temperature: float = 1.0,
                learn_temperature: bool = True, bounds: tuple = (0.05, 5.0),
-               bias_init: float = 0.0) -> ConfigDict:
-  """Sets a HET ('het') or HET-XL ('hetxl') head with every option it has."""
+               bias_init: float = 0.0, mc_method: str = 'mc',
+               quadrature_nodes: int = 32) -> ConfigDict:
+  """Sets a HET ('het') or HET-XL ('hetxl') head with every option it has.
+
+  `mc_method='quadrature'` (sigmoid link only) replaces the S-sample MC estimate by its exact
+  S -> infinity limit (hetxl.quadrature); `--config.model.head_kwargs.mc_method=quadrature`.
+  """
   c.model.head = kind
   c.model.head_kwargs = ConfigDict(dict(
       num_factors=num_factors, link=link, parameter_efficient=parameter_efficient,
       train_mc_samples=train_samples, eval_mc_samples=eval_samples, mc_chunk_size=chunk,
       temperature=temperature, learn_temperature=learn_temperature,
       temperature_bounds=tuple(bounds), head_bias_init=bias_init, diag_noise='independent',
-      share_samples_across_batch=False, compute_dtype='float32'))
+      share_samples_across_batch=False, compute_dtype='float32', mc_method=mc_method,
+      quadrature_nodes=quadrature_nodes))
   return c
 
 

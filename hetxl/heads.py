@@ -40,6 +40,13 @@ instead of B*S*D*K. Low-dimensional noise (eps_R, HET-XL's eps_D, rank-1 z) is d
 samples up front; HET's K-dim diagonal noise is drawn per chunk, sample s from
 fold_in(key, s), so results do not depend on the chunk size.
 
+Sigmoid link without sampling: `mc_method='quadrature'` (sigmoid link only; a ValueError for
+softmax) computes each class's marginal mean and variance in closed form (`_marginals`, cost
+B*K*D*(R+1) for HET-XL, no [B, S, K] or [B, D, D] tensor) and log p, log(1 - p) by
+`hetxl.quadrature` with `quadrature_nodes` nodes: the S -> infinity limit of the MC estimate,
+deterministic, with the same params as 'mc' (checkpoints are interchangeable). The default
+`mc_method='mc'` is the paper's estimator. `sample_logits` / `draw_noise` always sample.
+
 Eval (`train=False`) uses `eval_mc_samples`; without the noise rngs it uses a fixed key, so
 repeated evals agree. `return_locs=True` returns mu (not divided by tau) and no MC is run.
 """
@@ -52,7 +59,7 @@ from flax import linen as nn
 from heads.base import (HeadOutput, class_sharded, link_loss, sigmoid_cross_entropy,
                         sigmoid_targets)
 from heads.temperature import BoundedTemperature
-from hetxl import mc
+from hetxl import mc, quadrature
 
 MIN_SCALE = 1e-3
 CLIP_EPS = 1e-7
@@ -102,6 +109,8 @@ class _HeteroscedasticHead(nn.Module):
   label_smoothing: float = 0.0
   clip_probs_parity: bool = False
   compute_dtype: jnp.dtype = jnp.float32
+  mc_method: str = 'mc'
+  quadrature_nodes: int = 32
 
   _latent_noise = False
 
@@ -125,6 +134,14 @@ class _HeteroscedasticHead(nn.Module):
       raise ValueError(f"link must be 'softmax' or 'sigmoid', got {self.link!r}")
     if self.diag_noise not in ('independent', 'rank1'):
       raise ValueError(f"diag_noise must be 'independent' or 'rank1', got {self.diag_noise!r}")
+    if self.mc_method not in ('mc', 'quadrature'):
+      raise ValueError(f"mc_method must be 'mc' or 'quadrature', got {self.mc_method!r}")
+    if self.mc_method == 'quadrature' and self.link != 'sigmoid':
+      raise ValueError("mc_method='quadrature' needs link='sigmoid': the softmax link's "
+                       "probability couples all classes and has no one-dimensional closed form; "
+                       "use mc_method='mc' with the softmax link")
+    if self.mc_method == 'quadrature' and self.quadrature_nodes < 2:
+      raise ValueError(f'quadrature_nodes must be >= 2, got {self.quadrature_nodes}')
     if self.num_factors < 0 or (self.parameter_efficient and self.num_factors == 0):
       raise ValueError(f'num_factors must be >= 0 (>= 1 when parameter_efficient), '
                        f'got {self.num_factors}')
@@ -155,6 +172,7 @@ class _HeteroscedasticHead(nn.Module):
     shard = not latent              # HET's noise layers have a class dimension
 
     # Parameters (all created whatever the options, so the param tree never changes).
+    hom_k = hom_b = v = scale = None
     w, b = _DenseParams(dim, K, True, self.head_bias_init, name='loc_layer')()
     if R and self.parameter_efficient:
       hom_k, hom_b = _DenseParams(R, n, shard, name='scale_layer_homoscedastic')()
@@ -178,6 +196,11 @@ class _HeteroscedasticHead(nn.Module):
       v = _mm('bd,dn->bn', x, het_k, cd) + het_b                                   # [B, n]
     elif R:
       scale = (_mm('bd,dm->bm', x, scale_k, cd) + scale_b).reshape(batch, n, R)    # [B, n, R]
+
+    if self.mc_method == 'quadrature' and mode == 'head':
+      mean, var = self._marginals(mu, w, d, hom_k, hom_b, v, scale)
+      log_p, log_1mp = quadrature.sigmoid_log_marginals(mean, var, tau, self.quadrature_nodes)
+      return self._sigmoid_output(log_p, log_1mp, labels)
 
     # Noise. Low-dimensional draws are made for all samples up front.
     num_samples = self.train_mc_samples if train else self.eval_mc_samples
@@ -247,6 +270,45 @@ class _HeteroscedasticHead(nn.Module):
       return HeadOutput(logits, loss)
 
     (log_1mp,) = rest
+    return self._sigmoid_output(log_p, log_1mp, labels)
+
+  def _marginals(self, mu, w, d, hom_k, hom_b, v, scale):
+    """Mean and variance [B, K] of each pre-temperature logit u_k (closed form, no samples).
+
+    HET: var = ||V_k||^2 + d_k^2 (full) or v_k^2 ||J_k||^2 + d_k^2 (PE, mean + b_J v); either
+    diag mode has the marginal variance d_k^2. HET-XL: var = ||V'^T w_k||^2 + sum_d w_dk^2 d_d^2
+    ((w_k . d)^2 in rank-1 mode) with V' = diag(v) J^T for PE (mean + W^T (b_J v)). The
+    ||V'^T w_k||^2 term goes through (V'^T W) [B, R, K], never a [B, D, D] covariance: cost
+    B*K*D*(R+1) multiply-adds in `compute_dtype`, f32 accumulation.
+    """
+    cd = self.compute_dtype
+    if not self._latent_noise:
+      mean, var = mu, d * d
+      if v is not None:
+        mean = mean + hom_b * v
+        var = var + v * v * jnp.sum(hom_k * hom_k, axis=0)
+      elif scale is not None:
+        var = var + jnp.sum(scale * scale, axis=-1)
+      return mean, var
+    mean = mu
+    if self.diag_noise == 'rank1':
+      var = _mm('bd,dk->bk', d, w, cd) ** 2
+    else:
+      var = _mm('bd,dk->bk', d * d, w * w, cd)
+    if v is not None:
+      mean = mean + _mm('bd,dk->bk', hom_b * v, w, cd)
+      factors = hom_k[None] * v[:, None, :]                                        # [B, R, D]
+    elif scale is not None:
+      factors = jnp.swapaxes(scale, 1, 2)                                          # [B, R, D]
+    else:
+      return mean, var
+    a = _mm('brd,dk->brk', factors, w, cd)                                         # [B, R, K]
+    return mean, var + jnp.sum(a * a, axis=1)
+
+  def _sigmoid_output(self, log_p: jax.Array, log_1mp: jax.Array,
+                      labels: Optional[jax.Array]) -> HeadOutput:
+    """Sigmoid-link logits log p - log(1 - p) and loss -(y log p + (1 - y) log(1 - p))."""
+    K = self.num_classes
     if self.clip_probs_parity:
       p = jnp.exp(log_p)
       logits = jnp.log(jnp.clip(p, CLIP_EPS)) - jnp.log(1.0 - jnp.clip(p, CLIP_EPS, 1 - CLIP_EPS))
