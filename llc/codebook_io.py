@@ -53,13 +53,16 @@ def init_values(path: str, num_classes: int, bits: int, seed: int = 0) -> np.nda
 
 
 def check_phase1_workdir(workdir: str, num_classes: int, bits: int) -> str:
-  """Fails clearly unless `workdir` holds a phase-1 checkpoint and a matching exported codebook;
-  returns the codebook path."""
+  """Fails clearly unless `workdir` holds a finalised phase-1 checkpoint (unfinished step
+  directories are skipped with a warning) and a matching exported codebook; returns the
+  codebook path."""
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'phase-1 workdir {workdir} does not exist: train phase 1 first '
                             '(config argument phase=1), then export its codebook')
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise FileNotFoundError(f'phase-1 workdir {workdir} has no checkpoints: train phase 1 first')
+  from training.checkpointing import complete_steps  # orbax: only when a workdir is checked
+  if not complete_steps(workdir):
+    raise FileNotFoundError(f'phase-1 workdir {workdir} has no complete checkpoint: train phase 1 '
+                            'first (or let the interrupted phase-1 run finish)')
   path = codebook_path(workdir)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'phase-1 workdir {workdir} has no {CODEBOOK_FILE}; {EXPORT_HINT}')

@@ -97,9 +97,7 @@ def add_classes(config: ml_collections.ConfigDict, workdir: str, new_workdir: st
   # ----- The trained model, restored onto the current devices.
   old = Experiment.build(config)
   ckpt = Checkpointer(workdir, save_every=1, keep=1, read_only=True)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}')
+  step = ckpt.pick_step(hint='train the SOC model first')  # newest finalised step
   variables = ckpt.restore_variables(step, old.abstract_restore_target())
   ckpt.close()
 

@@ -205,7 +205,10 @@ def test_phase2_config_without_a_phase1_codebook_fails_clearly(tmp_path):
   missing = tmp_path / 'nope'
   with pytest.raises(FileNotFoundError, match='does not exist: train phase 1 first'):
     load_config('llc_cifar10.py', f'phase=2,bits=5,phase1={missing}')
-  os.makedirs(tmp_path / 'p1' / 'checkpoints')
+  os.makedirs(tmp_path / 'p1' / 'checkpoints' / '4')  # a step orbax never finalised
+  with pytest.raises(FileNotFoundError, match='has no complete checkpoint: train phase 1'):
+    load_config('llc_cifar10.py', f'phase=2,bits=5,phase1={tmp_path / "p1"}')
+  (tmp_path / 'p1' / 'checkpoints' / '4' / 'commit_success.txt').write_text('')  # finalised
   with pytest.raises(FileNotFoundError, match='(?s)no codebook.npy.*llc.evaluate'):
     load_config('llc_cifar10.py', f'phase=2,bits=5,phase1={tmp_path / "p1"}')
   save(tmp_path / 'p1' / 'codebook.npy', np.ones((10, 7), np.float32))

@@ -1,9 +1,15 @@
-"""orbax checkpoints of (train state, grain iterator state) in `<workdir>/checkpoints`.
+"""orbax checkpoints of (train state, grain iterator state, config) in `<workdir>/checkpoints`.
 
 Saves are atomic (orbax writes to a temporary directory and renames it when complete), so a
 crash or a kill during a save leaves the previous checkpoint intact. Restores take an abstract
 target whose shardings come from the *current* mesh, so a checkpoint written on 8 devices
 loads on 4.
+
+A step counts only once orbax has finalised it: orbax writes `commit_success.txt` into every
+step it completes (into the temporary directory before the rename on local and gcsfuse paths,
+in place on gs://). A step directory without it (a rename that a preemption cut short on a
+gcsfuse bucket, where renames are not atomic; a stray `mkdir`) is skipped with a warning that
+names it, by every reader: resume, eval, `train.init_from`, LLC phase-1 checks, SOC.
 """
 import json
 import os
@@ -12,6 +18,15 @@ from typing import Any, Optional
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+# Finalised steps: named like a step and holding orbax's commit file.
+_FINALISED = ocp.step.standard_name_format(
+    temporary_path_cls=ocp.path.atomicity.CommitFileTemporaryPath)
+# Anything named like a step (not an orbax temporary directory), finalised or not.
+_STEP_NAMED = ocp.step.standard_name_format(
+    temporary_path_cls=ocp.path.atomicity.AtomicRenameTemporaryPath)
+INCOMPLETE_SUFFIX = '.incomplete'
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -19,7 +34,97 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class IncompatibleCheckpointError(ValueError):
-  """The workdir holds a checkpoint of a different model."""
+  """The workdir holds a checkpoint of a different model, optimizer or data setup."""
+
+
+class NoCheckpointError(FileNotFoundError):
+  """The workdir holds no finalised checkpoint (or not the step asked for)."""
+
+
+def scan_steps(workdir: str) -> tuple[list[int], list[str]]:
+  """(finalised steps, ascending; paths of step directories orbax never finalised)."""
+  root = checkpoint_dir(workdir)
+  if not os.path.isdir(root):
+    return [], []
+  named = {m.step: str(m.path) for m in _STEP_NAMED.find_all(root)}
+  complete = sorted(m.step for m in _FINALISED.find_all(root))
+  return complete, [named[s] for s in sorted(set(named) - set(complete))]
+
+
+def _warn_incomplete(paths: list[str], action: str) -> None:
+  for path in paths:
+    logging.warning('checkpoint step directory %s was never finalised (no %s, e.g. a save cut '
+                    'short by a preemption); %s', path, ocp.path.atomicity.COMMIT_SUCCESS_FILE,
+                    action)
+
+
+def complete_steps(workdir: str) -> list[int]:
+  """The finalised checkpoint steps of `workdir`, ascending; warns about, and skips, step
+  directories orbax never finalised."""
+  steps, incomplete = scan_steps(workdir)
+  _warn_incomplete(incomplete, 'skipped')
+  return steps
+
+
+def pick_step(workdir: str, step: Optional[int] = None, *, hint: str = 'train it first') -> int:
+  """`step` if it is a finalised checkpoint of `workdir`, else (None) the newest finalised one.
+
+  Raises NoCheckpointError naming the directory, the steps there and `hint` (what to do).
+  """
+  return _choose(workdir, complete_steps(workdir), step, hint)
+
+
+def _choose(workdir: str, steps: list[int], step: Optional[int], hint: str) -> int:
+  root = checkpoint_dir(workdir)
+  if not steps:
+    _, incomplete = scan_steps(workdir)
+    found = (f' (only unfinished step directories: {", ".join(incomplete)})'
+             if incomplete else '')
+    raise NoCheckpointError(f'no complete checkpoint in {root}{found}; {hint}')
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise NoCheckpointError(f'no complete checkpoint for step {step} in {root}; complete steps: '
+                            f'{steps}')
+  return step
+
+
+def _move_aside(path: str) -> str:
+  """Renames an unfinished step directory to `<path>.incomplete[-n]` (never a step name)."""
+  target, n = path + INCOMPLETE_SUFFIX, 1
+  while os.path.exists(target):
+    target, n = f'{path}{INCOMPLETE_SUFFIX}-{n}', n + 1
+  os.rename(path, target)
+  return target
+
+
+def _flat_config(config: Any) -> dict:
+  """{'a.b': value} of a ConfigDict or of its JSON form."""
+  if not isinstance(config, dict):
+    config = json.loads(config.to_json_best_effort())
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update({f'{key}.{k}': v for k, v in _flat_config(value).items()})
+    else:
+      flat[key] = value
+  return flat
+
+
+def config_changes(saved: Any, current: Any) -> list[str]:
+  """'field: old -> new' for every config field whose value differs (JSON-compared)."""
+  old, new = _flat_config(saved), _flat_config(current)
+  norm = lambda v: json.dumps(v, sort_keys=True)
+  return [f'{k}: {old.get(k, "(absent)")!r} -> {new.get(k, "(absent)")!r}'
+          for k in sorted(set(old) | set(new))
+          if k not in old or k not in new or norm(old[k]) != norm(new[k])]
+
+
+def _array_signature(tree: Any) -> dict:
+  """{'opt_state/1/0/trace/w': (shape, dtype)} of a state or of orbax's metadata of one."""
+  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True))
+  return {'/'.join(map(str, path)): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in flat.items() if hasattr(leaf, 'shape')}
 
 
 def _shape_signature(tree: Any) -> dict:
@@ -48,10 +153,22 @@ def check_signature(workdir: str, params: Any) -> None:
 
 
 class Checkpointer:
-  """Saves and restores {'state': train state, 'data': grain iterator} by step."""
+  """Saves and restores {'state': train state, 'data': grain iterator, 'config'} by step.
+
+  Only finalised steps are listed and restored. Step directories orbax never finalised are
+  skipped with a warning; a writer (not `read_only`) on process 0 also renames them to
+  `<step>.incomplete`, so saving that step again cannot collide with them.
+  """
 
   def __init__(self, workdir: str, *, save_every: int, keep: int, use_async: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, config: Any = None):
+    self._workdir, self._config = workdir, config
+    _, incomplete = scan_steps(workdir)
+    if read_only or jax.process_index() != 0:
+      _warn_incomplete(incomplete, 'skipped')
+    else:
+      for path in incomplete:
+        _warn_incomplete([path], f'skipped and renamed to {_move_aside(path)} (delete it at will)')
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(save_every, 1),
         max_to_keep=keep,
@@ -59,12 +176,14 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
         create=not read_only,
+        step_name_format=_FINALISED,
     )
     if read_only:  # evaluation: reads parts of the state
       handlers = {'state': ocp.PyTreeCheckpointHandler()}
     else:
       handlers = {'state': ocp.StandardCheckpointHandler(),
                   'data': grain.checkpoint.CheckpointHandler()}
+    handlers['config'] = ocp.JsonCheckpointHandler()
     self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                           item_handlers=handlers)
 
@@ -72,18 +191,77 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
+
+  def pick_step(self, step: Optional[int] = None, *, hint: str = 'train it first') -> int:
+    """As the module's `pick_step`, from the steps this manager lists (no second warning)."""
+    return _choose(self._workdir, self.all_steps(), step, hint)
 
   def save(self, step: int, state: Any, data_iterator: Any, *, force: bool = False) -> bool:
-    """Saves state and (unless None) the iterator position; a checkpoint without the latter
-    evaluates but cannot resume training."""
+    """Saves state, the config given at construction and (unless None) the iterator position;
+    a checkpoint without the latter evaluates but cannot resume training."""
     items = {'state': ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    if self._config is not None:
+      items['config'] = ocp.args.JsonSave(json.loads(self._config.to_json_best_effort()))
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
+  def saved_config(self, step: int) -> Optional[dict]:
+    """The config (JSON form) that wrote `step`, or None for checkpoints that predate it."""
+    if not os.path.isdir(os.path.join(self._step_path(step), 'config')):
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))['config']
+
+  def _step_path(self, step: int) -> str:
+    return str(_FINALISED.find_step(checkpoint_dir(self._workdir), step).path)
+
+  def check_resumable(self, step: int, abstract_state: Any) -> None:
+    """Fails with IncompatibleCheckpointError, naming what differs and what to do, unless
+    `step` holds a data position for this process count and a train state of exactly the
+    arrays (paths and shapes) of `abstract_state`. Logs the config fields that changed."""
+    where = f'{self._workdir} (checkpoint step {step})'
+    saved_config = self.saved_config(step)
+    changes = (config_changes(saved_config, self._config)
+               if saved_config is not None and self._config is not None else [])
+    changed = ('\nConfig fields that differ from the run that wrote it:\n  ' +
+               '\n  '.join(changes[:12]) + ('\n  ...' if len(changes) > 12 else '')
+               if changes else '')
+    keys = ', '.join(repr(k) for k in getattr(abstract_state, 'params', {}))
+    fresh = (f'or start a new --workdir with --config.train.init_from={self._workdir} '
+             f'--config.train.init_prefixes="({keys},)" to keep only the trained parameters.')
+    data_dir = os.path.join(self._step_path(step), 'data')
+    if not os.path.isdir(data_dir):
+      raise IncompatibleCheckpointError(
+          f'{where} holds no data-iterator position (a state-only checkpoint, e.g. written by '
+          f'soc.add_classes): it evaluates (--mode=eval) but cannot resume training; {fresh}')
+    mine = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    if not os.path.exists(os.path.join(data_dir, mine)):
+      written = sorted(os.listdir(data_dir))
+      raise IncompatibleCheckpointError(
+          f'{where} holds the data positions of other processes ({", ".join(written)}), none for '
+          f'this one ({mine}): resume with the process count that wrote it, {fresh}')
+    saved = {k: v[0] for k, v in _array_signature(self._manager.item_metadata(step)['state']).items()}
+    now = {k: v[0] for k, v in _array_signature(abstract_state).items()}
+    if saved != now:
+      diffs = ([f'  only in the checkpoint: {k} {saved[k]}' for k in sorted(set(saved) - set(now))]
+               + [f'  only in this config:   {k} {now[k]}' for k in sorted(set(now) - set(saved))]
+               + [f'  shape {saved[k]} -> {now[k]}: {k}' for k in sorted(set(saved) & set(now))
+                  if saved[k] != now[k]])
+      raise IncompatibleCheckpointError(
+          f'cannot resume {where}: the train state this config builds (optimizer state '
+          f'included) differs from the saved one in {len(diffs)} arrays.' + changed +
+          '\nArrays that differ:\n' + '\n'.join(diffs[:6]) +
+          ('\n  ...' if len(diffs) > 6 else '') +
+          f'\nResume with the config that wrote it, {fresh}')
+    if changes:
+      logging.info('resuming %s with changed config fields:\n  %s', where, '\n  '.join(changes))
+
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-    """Restores state into `abstract_state`'s shardings and the iterator in place."""
+    """Restores state into `abstract_state`'s shardings and the iterator in place, after
+    `check_resumable`."""
+    self.check_resumable(step, abstract_state)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=grain.checkpoint.CheckpointRestore(data_iterator))
     return self._manager.restore(step, args=args)['state']

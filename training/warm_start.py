@@ -12,17 +12,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from training.checkpointing import checkpoint_dir
+from training.checkpointing import checkpoint_dir, pick_step
 
 
 def load_variables(workdir: str, step: Optional[int] = None) -> dict:
-  """{'params', 'batch_stats'} of the latest (or given) checkpoint of `workdir`, on the host."""
+  """{'params', 'batch_stats'} of the newest (or given) finalised checkpoint of `workdir`, on
+  the host. Unfinished step directories are skipped with a warning; raises NoCheckpointError
+  (a FileNotFoundError) when there is no finalised one."""
+  step = pick_step(workdir, step, hint='train that run first (train.init_from)')
   ckpt_root = checkpoint_dir(workdir)
-  steps = sorted(int(s) for s in os.listdir(ckpt_root) if s.isdigit()) \
-      if os.path.isdir(ckpt_root) else []
-  if not steps:
-    raise FileNotFoundError(f'train.init_from: no checkpoint in {ckpt_root}; train that run first')
-  step = steps[-1] if step is None else step
   path = os.path.join(ckpt_root, str(step), 'state')
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(path).item_metadata.tree
