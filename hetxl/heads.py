@@ -122,6 +122,11 @@ class _HeteroscedasticHead(nn.Module):
     """All S pre-temperature logit samples u_s, [B, S, K] (materialised: for tests and analysis)."""
     return self._run(x, None, train, 'samples')
 
+  def marginals(self, x: jax.Array, *, train: bool = False) -> Tuple[jax.Array, jax.Array]:
+    """Mean and variance [B, K] of each pre-temperature logit u_k, in closed form (what
+    `mc_method='quadrature'` integrates over; any link, no samples)."""
+    return self._run(x, None, train, 'marginals')
+
   def draw_noise(self, x: jax.Array, *, train: bool = False) -> Dict[str, jax.Array]:
     """The standard-normal draws the head uses for `x` with the same rngs (materialised).
 
@@ -197,8 +202,10 @@ class _HeteroscedasticHead(nn.Module):
     elif R:
       scale = (_mm('bd,dm->bm', x, scale_k, cd) + scale_b).reshape(batch, n, R)    # [B, n, R]
 
-    if self.mc_method == 'quadrature' and mode == 'head':
+    if mode == 'marginals' or (self.mc_method == 'quadrature' and mode == 'head'):
       mean, var = self._marginals(mu, w, d, hom_k, hom_b, v, scale)
+      if mode == 'marginals':
+        return mean, var
       log_p, log_1mp = quadrature.sigmoid_log_marginals(mean, var, tau, self.quadrature_nodes)
       return self._sigmoid_output(log_p, log_1mp, labels)
 
