@@ -45,7 +45,9 @@ def base_config() -> ConfigDict:
   c.dataset.channels = 1           # synthetic: channels of generated images
   c.dataset.num_examples = 0       # synthetic: examples per split
   c.dataset.label_noise = 0.0      # fraction of training labels flipped (seeded)
-  c.dataset.label_noise_kind = 'symmetric'   # symmetric | class_dependent
+  c.dataset.label_noise_kind = 'symmetric'   # symmetric | class_dependent | input_dependent
+  c.dataset.label_noise_reference = ''  # input_dependent: .npy [N, K] of a reference model's
+                                        # probabilities (evaluation.reference_probs); '' = content rule
   c.dataset.setup_hint = ''        # how to get this dataset, shown when it is missing
 
   c.input = ConfigDict()

@@ -86,26 +86,196 @@ class SyntheticSource:
 
 
 class NoisyLabels:
-  """Flips a seeded fraction of labels: 'symmetric' (to a uniformly random other class) or
-  'class_dependent' (y -> (y + 1) mod K, the usual pair-flip). Decided per index, on read."""
+  """Flips a seeded fraction `rate` of single-label training labels, decided per index on read.
 
-  def __init__(self, source: Any, num_classes: int, rate: float, kind: str, seed: int):
-    if kind not in ('symmetric', 'class_dependent'):
-      raise ValueError(f"label_noise_kind must be 'symmetric' or 'class_dependent', got {kind!r}")
+  kind 'symmetric': to a uniformly random other class; 'class_dependent': y -> (y + 1) mod K
+  (the usual pair flip); 'input_dependent': the flip probability and the wrong class depend on
+  the image, through a class distribution P(x) [K] per example:
+    - from `reference`, a .npy [N, K] of a reference model's predicted class probabilities on
+      this split (in source order; `python -m evaluation.reference_probs` writes it), or
+    - without one, a seeded random linear map of the image's content: P(x) = softmax(W f(x)),
+      f(x) = the image as 8x8 grey (box filter), standardised, W ~ N(0, 3^2 / 64) [64, K].
+  Example i (label y) flips with probability q_i = min(1, c (1 - P(x_i)[y])) - the more the
+  reference doubts its label, the likelier - to a class drawn from P(x_i) without y. c is set
+  once, so that q averages `rate` over the split (over a seeded sample of CALIBRATION examples
+  when the split is larger). The realised rate is then `rate` on average (a sum of Bernoulli
+  draws). Input-dependent noise is what the HET heads model (Collier et al., CVPR 2021; ICLR
+  2023); the reference-model variant follows Chen et al. (AAAI 2021, "Beyond class-conditional
+  assumption") in letting a trained model's confusion choose the wrong labels.
+
+  Every draw is a pure function of (seed, index, image, reference), so a resumed run, every
+  grain worker and every process see the same labels. `record()` lists the realised flips.
+  Raises ValueError for an unknown kind, a rate outside [0, 1), a reference of the wrong
+  shape, a rate the reference cannot reach, or a label set (multi-label data) on read.
+  """
+  KINDS = ('symmetric', 'class_dependent', 'input_dependent')
+  CALIBRATION = 4096   # examples read at construction to set c (input_dependent)
+  GREY = 8             # side of the grey thumbnail f(x) (content rule)
+  STRENGTH = 3.0       # std of the content rule's logits W f(x) (|f| = 1)
+
+  def __init__(self, source: Any, num_classes: int, rate: float, kind: str, seed: int,
+               reference: str = ''):
+    if kind not in self.KINDS:
+      raise ValueError(f'label_noise_kind must be one of {self.KINDS}, got {kind!r}')
     if not 0.0 <= rate < 1.0:
       raise ValueError(f'label_noise must be in [0, 1), got {rate}')
+    if reference and kind != 'input_dependent':
+      raise ValueError(f"dataset.label_noise_reference is used by label_noise_kind="
+                       f"'input_dependent' only, but the kind is {kind!r}")
     self._source, self._k, self._rate, self._kind, self._seed = source, num_classes, rate, kind, seed
+    self._reference, self._probs = reference, None
+    self._scale = 0.0
+    if kind == 'input_dependent':
+      if reference:
+        shape = self._reference_probs().shape
+        if shape != (len(source), num_classes):
+          raise ValueError(
+              f'label_noise_reference {reference} holds probabilities of shape {shape}, but '
+              f'this split has {len(source)} examples of {num_classes} classes: write it for '
+              f'this dataset and split with python -m evaluation.reference_probs')
+      else:
+        d = self.GREY * self.GREY
+        self._w = np.random.default_rng([seed, 7919, 3]).normal(
+            0.0, self.STRENGTH / np.sqrt(d), (d, num_classes)).astype(np.float32)
+      self._scale = self._calibrate()
+
+  def __getstate__(self) -> dict:  # grain workers: reopen the memory-mapped reference there
+    return {**self.__dict__, '_probs': None}
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, i: int) -> dict:
     example = dict(self._source[i])
-    rng = np.random.default_rng([self._seed, 7919, i])
-    if rng.random() < self._rate:
-      shift = 1 if self._kind == 'class_dependent' else int(rng.integers(1, self._k))
-      example['label'] = (example['label'] + shift) % self._k
+    example['label'] = self._noisy_label(i, example)
     return example
+
+  def _reference_probs(self) -> np.ndarray:
+    if self._probs is None:
+      try:
+        self._probs = np.load(self._reference, mmap_mode='r')
+      except (OSError, ValueError) as e:
+        raise ValueError(f'cannot read label_noise_reference {self._reference!r} ({e}); '
+                         f'write it with python -m evaluation.reference_probs') from None
+    return self._probs
+
+  def _class_probs(self, i: int, image: Any) -> np.ndarray:
+    """P(x_i) [K] float64, summing to 1."""
+    if self._reference:
+      p = np.asarray(self._reference_probs()[i], np.float64)
+    else:
+      z = _grey_thumbnail(image, self.GREY) @ self._w
+      p = np.exp(z - z.max()).astype(np.float64)
+    return p / p.sum()
+
+  def _label(self, i: int, example: dict) -> int:
+    label = example['label']
+    if np.ndim(label) != 0:
+      raise ValueError(f'label noise applies to single-label data, but example {i} has the label '
+                       f'set {np.asarray(label).tolist()}; set dataset.label_noise=0')
+    return int(label)
+
+  def flip_distribution(self, i: int, example: dict | None = None) -> tuple[float, np.ndarray]:
+    """(probability q that example i's label flips, distribution [K] of the wrong class)."""
+    example = self._source[i] if example is None else example
+    y = self._label(i, example)
+    if self._kind == 'symmetric':
+      wrong = np.full(self._k, 1.0 / (self._k - 1))
+      wrong[y] = 0.0
+      return self._rate, wrong
+    if self._kind == 'class_dependent':
+      return self._rate, np.eye(self._k)[(y + 1) % self._k]
+    p = self._class_probs(i, example['image'])
+    doubt = 1.0 - p[y]
+    wrong = p.copy()
+    wrong[y] = 0.0
+    if doubt <= 0.0 or wrong.sum() <= 0.0:
+      return 0.0, np.eye(self._k)[(y + 1) % self._k]
+    return min(1.0, self._scale * doubt), wrong / wrong.sum()
+
+  def _noisy_label(self, i: int, example: dict) -> int:
+    y = self._label(i, example)
+    if self._rate == 0.0:
+      return y
+    rng = np.random.default_rng([self._seed, 7919, i])
+    if self._kind != 'input_dependent':  # the original draws, unchanged
+      if rng.random() < self._rate:
+        shift = 1 if self._kind == 'class_dependent' else int(rng.integers(1, self._k))
+        return (y + shift) % self._k
+      return y
+    q, wrong = self.flip_distribution(i, example)
+    if rng.random() < q:
+      return int(min(np.searchsorted(np.cumsum(wrong), rng.random() * wrong.sum(), 'right'),
+                     self._k - 1))
+    return y
+
+  def _calibrate(self) -> float:
+    """c such that min(1, c * doubt) averages `rate` over the split (or a seeded sample)."""
+    n = len(self._source)
+    idx = np.arange(n) if n <= self.CALIBRATION else np.sort(
+        np.random.default_rng([self._seed, 7919, 4]).choice(n, self.CALIBRATION, replace=False))
+    doubt = np.array([1.0 - self._class_probs(int(i), ex['image'])[self._label(int(i), ex)]
+                      for i, ex in ((int(i), self._source[int(i)]) for i in idx)])
+    doubt = np.clip(doubt, 0.0, 1.0)
+    reachable = float(np.mean(doubt > 0))
+    if self._rate >= reachable:
+      raise ValueError(
+          f'input_dependent label noise cannot reach rate {self._rate}: the reference gives '
+          f'probability 1 to the label on {1 - reachable:.1%} of examples, so at most '
+          f'{reachable:.1%} can flip; lower dataset.label_noise')
+    lo, hi = 0.0, 1.0
+    while np.mean(np.minimum(1.0, hi * doubt)) < self._rate:
+      hi *= 2.0
+    for _ in range(100):  # bisection: the mean is continuous and non-decreasing in c
+      mid = 0.5 * (lo + hi)
+      lo, hi = (mid, hi) if np.mean(np.minimum(1.0, mid * doubt)) < self._rate else (lo, mid)
+    return hi
+
+  def record(self) -> dict:
+    """The realised noise, reading every example once (decoding every image for the content
+    rule): {'kind', 'rate', 'seed', 'reference', 'num_examples', 'num_flipped',
+    'realised_rate', 'flips_sha256', 'flips'}, flips = [[index, clean, noisy], ...]."""
+    import hashlib
+    flips = []
+    for i in range(len(self._source)):
+      example = self._source[i]
+      y, noisy = self._label(i, example), self._noisy_label(i, example)
+      if noisy != y:
+        flips.append((i, y, noisy))
+    table = np.asarray(flips, np.int64).reshape(-1, 3)
+    n = len(self._source)
+    return {'kind': self._kind, 'rate': self._rate, 'seed': self._seed,
+            'reference': self._reference, 'num_examples': n, 'num_flipped': len(flips),
+            'realised_rate': len(flips) / max(n, 1),
+            'flips_sha256': hashlib.sha256(table.tobytes()).hexdigest(),
+            'flips': table.tolist()}
+
+  def write_record(self, workdir: str, name: str = 'label_noise.json') -> dict:
+    """Writes `record()` to `workdir/name` (atomically) and returns it."""
+    import json
+    import os
+    record = self.record()
+    path = os.path.join(workdir, name)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(record, f)
+    os.replace(path + '.tmp', path)
+    return record
+
+
+def _grey_thumbnail(image: Any, side: int) -> np.ndarray:
+  """The image (uint8 [H, W, C] or encoded bytes) as a side x side grey thumbnail (box
+  filter), zero mean and unit norm: float32 [side * side]."""
+  import io
+  from PIL import Image
+  if isinstance(image, (bytes, bytearray)):
+    im = Image.open(io.BytesIO(image))
+    im.draft('L', (side, side))  # JPEG: decode at a reduced scale; a no-op otherwise
+  else:
+    a = np.asarray(image)
+    im = Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
+  x = np.asarray(im.convert('L').resize((side, side), Image.BOX), np.float32).ravel()
+  x = x - x.mean()
+  return x / max(float(np.linalg.norm(x)), 1e-6)
 
 
 class Subset:
@@ -210,6 +380,7 @@ def build_source(ds: ml_collections.ConfigDict, split: str, seed: int,
     raise ValueError(f'dataset has {len(names)} classes but config.dataset.num_classes = '
                      f'{ds.num_classes}')
   if train and ds.label_noise > 0:
-    source = NoisyLabels(source, ds.num_classes, ds.label_noise, ds.label_noise_kind, seed)
+    source = NoisyLabels(source, ds.num_classes, ds.label_noise, ds.label_noise_kind, seed,
+                         ds.label_noise_reference)
   names = names or tuple(str(k) for k in range(ds.num_classes))
   return source, DatasetInfo(ds.num_classes, names, len(source))
