@@ -49,6 +49,8 @@ def base_config() -> ConfigDict:
   c.dataset.label_noise_reference = ''  # input_dependent: .npy [N, K] of a reference model's
                                         # probabilities (evaluation.reference_probs); '' = content rule
   c.dataset.setup_hint = ''        # how to get this dataset, shown when it is missing
+  c.dataset.multi_label = False    # each image carries a set of labels (JFT, mosaic)
+  c.dataset.max_labels = 0         # multi_label: labels per image at most (padding length L)
 
   c.input = ConfigDict()
   c.input.batch_size = 128         # global batch, across all processes
@@ -71,7 +73,8 @@ def base_config() -> ConfigDict:
   c.optimizer = ConfigDict()
   c.optimizer.name = 'adam'        # adam | adamw | sgd
   c.optimizer.learning_rate = 1e-3
-  c.optimizer.schedule = 'cosine'  # cosine | constant
+  c.optimizer.schedule = 'cosine'  # cosine | linear | constant (all after a linear warmup)
+  c.optimizer.end_learning_rate = 0.0  # schedule='linear': the rate at the last step
   c.optimizer.warmup_steps = 0
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = False

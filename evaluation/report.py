@@ -12,7 +12,9 @@ def write_eval_report(workdir: str, step: int, metrics: dict, bins: dict) -> dic
   record = {'step': int(step), **metrics}
   if jax.process_index() == 0:
     png = os.path.join(workdir, f'reliability_step{step}.png')
-    save_reliability_diagram(bins, png, f'step {step}: accuracy {metrics["accuracy"]:.4f}, '
+    top1 = ('prec@1', metrics['prec@1']) if 'prec@1' in metrics else ('accuracy',
+                                                                         metrics['accuracy'])
+    save_reliability_diagram(bins, png, f'step {step}: {top1[0]} {top1[1]:.4f}, '
                                         f'ECE {metrics["ece"]:.4f}')
     record['reliability_diagram'] = png
     with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:

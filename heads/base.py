@@ -14,7 +14,9 @@ example, padded with -1; multi-label data such as JFT). `class_targets` turns ei
 [B, K] multi-hot target on the device, so no [B, K] array ever travels from the host. Each head
 owns its loss (label smoothing, MC estimate,
 auxiliary terms), so the trainer never branches on the head type. A head declares its link with
-the class attribute `link` ('softmax' or 'sigmoid'); extra scalars to log (a temperature, say)
+the class attribute `link` ('softmax' or 'sigmoid'); a head that cannot train on label sets
+says why in the class attribute `label_sets_unsupported` (a sentence), and a config with
+`dataset.multi_label` is refused when the model is built; extra scalars to log (a temperature, say)
 go to `self.sow('head_metrics', name, value)`.
 """
 from typing import NamedTuple, Optional
@@ -50,6 +52,13 @@ def top1_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   if labels.ndim == 1:
     return (top == labels).astype(jnp.float32)
   return jnp.any(labels == top[:, None], axis=1).astype(jnp.float32)
+
+
+def has_label(labels: jax.Array) -> jax.Array:
+  """1.0 for examples with at least one label, [B] float32 (int labels [B]: always 1)."""
+  if labels.ndim == 1:
+    return jnp.ones(labels.shape, jnp.float32)
+  return jnp.any(labels >= 0, axis=1).astype(jnp.float32)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array,

@@ -45,7 +45,7 @@ def preprocess(element: dict, rng: np.random.Generator | None, *, augment: str =
     raise ValueError(f'unknown input.eval_preprocess {eval_mode!r}')
   elif image_size and image.shape[:2] != (image_size, image_size):
     image = image_ops.resize(image, image_size)
-  return {'image': np.asarray(image, np.uint8), 'label': np.int32(element['label']),
+  return {'image': np.asarray(image, np.uint8), 'label': np.asarray(element['label'], np.int32),
           'mask': np.float32(element.get('mask', 1.0))}
 
 

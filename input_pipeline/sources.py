@@ -1,8 +1,12 @@
 """Random-access data sources by config name. Every element is {'image', 'label'}.
 
 `image` is either a uint8 array [H, W, C] or encoded JPEG/PNG bytes (decoded later, inside the
-grain workers); `label` is an int. Sources are plain Python sequences, picklable, so grain can
-read them from worker processes.
+grain workers); `label` is an int in [0, K), or, for a multi-label dataset
+(`dataset.multi_label`), int32 [L]: the image's class ids followed by -1 padding up to
+L = `dataset.max_labels` (an image with no label is all -1). `build_source` checks labels
+against `dataset.num_classes` and stops with a `LabelError` naming the split and the bad
+values. Sources are plain Python sequences, picklable, so grain can read them from worker
+processes.
 """
 import dataclasses
 import functools
@@ -10,6 +14,67 @@ from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
+
+
+class LabelError(ValueError):
+  """A dataset's labels do not fit the config: out of range, unlabelled, too many per image."""
+
+
+def bad_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """The entries of `labels` (any shape; -1 padding of label sets excluded by the caller)
+  outside [0, num_classes)."""
+  labels = np.asarray(labels)
+  return labels[(labels < 0) | (labels >= num_classes)]
+
+
+def label_error(where: str, bad: np.ndarray, total: int, num_classes: int) -> LabelError:
+  """The error for `bad` labels among `total` read from `where` (e.g. "split 'test'")."""
+  values, counts = np.unique(bad, return_counts=True)
+  shown = ', '.join(f'{v} (x{c})' for v, c in list(zip(values, counts))[:8])
+  if np.all(values < 0):
+    return LabelError(
+        f'{where} is unlabelled: {len(bad)} of {total} labels read are negative ({shown}), as '
+        'tfds marks a split without labels. It cannot be trained or evaluated on; use a '
+        'labelled split (for example dataset.eval_split="train[:5%]" with '
+        'dataset.train_split="train[5%:]").')
+  return LabelError(
+      f'{where}: {len(bad)} of {total} labels read are outside [0, {num_classes}) '
+      f'(dataset.num_classes = {num_classes}): {shown}. Set dataset.num_classes to the '
+      'dataset\'s class count, or re-prepare the data.')
+
+
+class CheckedLabels:
+  """Checks each element's label on read, and for label sets pads them to `max_labels`.
+
+  The whole-split checks of `build_source` cover what can be read cheaply up front; this
+  catches the rest (a large tfds split) at the first bad example, with its index.
+  """
+
+  def __init__(self, source: Any, num_classes: int, where: str, max_labels: int = 0):
+    self._source, self._k, self._where, self._max = source, num_classes, where, max_labels
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int) -> dict:
+    example = dict(self._source[i])
+    ids = np.atleast_1d(np.asarray(example['label'], np.int32))
+    if not self._max and len(ids) != 1:
+      raise LabelError(f'{self._where}, example {i}: {len(ids)} labels in a dataset used as '
+                       'single-label; set dataset.multi_label=True and dataset.max_labels.')
+    if self._max and len(ids) > self._max:
+      raise LabelError(f'{self._where}, example {i}: {len(ids)} labels, more than '
+                       f'dataset.max_labels = {self._max}; raise it.')
+    bad = bad_labels(ids, self._k)
+    if len(bad):
+      raise label_error(f'{self._where}, example {i}', bad, len(ids), self._k)
+    if self._max:
+      padded = np.full(self._max, -1, np.int32)
+      padded[:len(ids)] = ids
+      example['label'] = padded
+    else:
+      example['label'] = int(ids[0])
+    return example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +90,10 @@ class ArraySource:
   def __init__(self, images: np.ndarray, labels: np.ndarray):
     self._images, self._labels = images, labels
 
+  @property
+  def labels(self) -> np.ndarray:
+    return self._labels
+
   def __len__(self) -> int:
     return len(self._labels)
 
@@ -33,23 +102,30 @@ class ArraySource:
 
 
 class RecordSource:
-  """The project's ArrayRecord shards (see `input_pipeline.records`)."""
+  """The project's ArrayRecord shards (see `input_pipeline.records`) of format `version`.
 
-  def __init__(self, paths: Sequence[str]):
+  'label' is the record's class id (an int) when it has exactly one, else int32 [n]: all its
+  class ids (n = 0 for an unlabelled image). `CheckedLabels` turns either into the form the
+  config asks for.
+  """
+
+  def __init__(self, paths: Sequence[str], version: int):
     import grain
     self._records = grain.sources.ArrayRecordDataSource(list(paths))
+    self._version = version
 
   def __len__(self) -> int:
     return len(self._records)
 
   def __getitem__(self, i: int) -> dict:
     from input_pipeline.records import decode_record
-    label, image = decode_record(self._records[i])
-    return {'image': image, 'label': label}
+    labels, image = decode_record(self._records[i], self._version)
+    return {'image': image, 'label': int(labels[0]) if len(labels) == 1 else labels}
 
 
 class TfdsSource:
-  """A `tfds.data_source` (ArrayRecord on disk, no TensorFlow needed) as {'image', 'label'}."""
+  """A `tfds.data_source` (ArrayRecord on disk, no TensorFlow needed) as {'image', 'label'};
+  a `Sequence(ClassLabel)` label feature gives the int32 array of the image's class ids."""
 
   def __init__(self, source: Any):
     self._source = source
@@ -62,27 +138,41 @@ class TfdsSource:
     image = np.asarray(example['image'])
     if image.ndim == 2:
       image = image[..., None]
-    return {'image': image, 'label': int(example['label'])}
+    label = np.asarray(example['label'])
+    return {'image': image, 'label': int(label) if label.ndim == 0 else label.astype(np.int32)}
 
 
 class SyntheticSource:
   """Seeded stand-in data: a fixed random prototype per class plus noise, label = index % K.
 
+  With `max_labels` > 1 (a multi-label stand-in) example i also carries up to max_labels - 1
+  further seeded classes, and its image is the mean of its classes' prototypes plus noise.
   Each element is a pure function of (seed, index), so no memory grows with the class count.
   Used for `:runlocal` runs of private datasets and for throughput benchmarks.
   """
 
-  def __init__(self, num_examples: int, num_classes: int, size: int, channels: int, seed: int):
+  def __init__(self, num_examples: int, num_classes: int, size: int, channels: int, seed: int,
+               max_labels: int = 1):
     self._n, self._k, self._shape, self._seed = num_examples, num_classes, (size, size, channels), seed
+    self._max = max_labels
 
   def __len__(self) -> int:
     return self._n
 
+  def _prototype(self, label: int) -> np.ndarray:
+    return np.random.default_rng([self._seed, label]).integers(0, 256, self._shape)
+
   def __getitem__(self, i: int) -> dict:
     label = i % self._k
-    proto = np.random.default_rng([self._seed, label]).integers(0, 256, self._shape)
     noise = np.random.default_rng([self._seed, label, i]).normal(0, 24, self._shape)
-    return {'image': np.clip(proto + noise, 0, 255).astype(np.uint8), 'label': label}
+    if self._max <= 1:
+      return {'image': np.clip(self._prototype(label) + noise, 0, 255).astype(np.uint8),
+              'label': label}
+    rng = np.random.default_rng([self._seed, 104729, i])
+    extra = rng.choice(self._k, size=int(rng.integers(0, self._max)), replace=False)
+    labels = np.array([label] + [int(k) for k in extra if k != label], np.int32)
+    proto = np.mean([self._prototype(int(k)) for k in labels], axis=0)
+    return {'image': np.clip(proto + noise, 0, 255).astype(np.uint8), 'label': labels}
 
 
 class NoisyLabels:
@@ -338,7 +428,8 @@ def _arrayrecord_source(ds: ml_collections.ConfigDict, split: str):
     meta = records.read_metadata(ds.data_dir)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'{e}\n{ds.setup_hint}'.strip()) from None
-  return RecordSource(records.split_paths(ds.data_dir, split)), tuple(meta['class_names'])
+  source = RecordSource(records.split_paths(ds.data_dir, split), meta['format_version'])
+  return source, tuple(meta['class_names']), meta['multi_label'], meta['max_labels_per_image']
 
 
 def _tfds_source(ds: ml_collections.ConfigDict, split: str):
@@ -350,35 +441,75 @@ def _tfds_source(ds: ml_collections.ConfigDict, split: str):
     raise FileNotFoundError(
         f'tfds dataset {ds.tfds_name!r} (split {split!r}) is not prepared under '
         f'{ds.data_dir or "the default TFDS data dir"}: {e}\n{ds.setup_hint or ""}'.strip()) from e
-  names = ()
+  names, multi_label = (), False
   info = getattr(source, 'dataset_info', None)
   if info is not None and 'label' in info.features:
-    names = tuple(info.features['label'].names)
-  return TfdsSource(source), names
+    feature = info.features['label']
+    multi_label = isinstance(feature, tfds.features.Sequence)
+    feature = feature.feature if multi_label else feature
+    names = tuple(getattr(feature, 'names', ()))
+  return TfdsSource(source), names, multi_label, None
+
+
+def _labels_up_front(source: Any, probe: int = 64) -> np.ndarray:
+  """Labels that are cheap to read before training: all of an in-memory source, else those of
+  `probe` examples spread over the split (enough to tell an unlabelled split)."""
+  if isinstance(source, ArraySource):
+    return np.asarray(source.labels)
+  idx = np.unique(np.linspace(0, len(source) - 1, min(probe, len(source))).astype(int))
+  return np.concatenate([np.atleast_1d(source[int(i)]['label']) for i in idx] or [[]])
 
 
 def build_source(ds: ml_collections.ConfigDict, split: str, seed: int,
                  train: bool) -> tuple[Any, DatasetInfo]:
-  """The source for `split` of the configured dataset, and its info."""
+  """The source for `split` of the configured dataset, and its info.
+
+  Raises LabelError when the labels do not fit the config: values outside
+  [0, dataset.num_classes) (all negative: an unlabelled split), a multi-label dataset read as
+  single-label, more labels per image than `dataset.max_labels`.
+  """
+  multi, max_labels = False, 1       # what the data says
   if ds.name == 'digits':
     source, names = _digits_source(split)
   elif ds.name == 'arrayrecord':
-    source, names = _arrayrecord_source(ds, split)
+    source, names, multi, max_labels = _arrayrecord_source(ds, split)
   elif ds.name == 'tfds':
-    source, names = _tfds_source(ds, split)
+    source, names, multi, max_labels = _tfds_source(ds, split)
   elif ds.name == 'synthetic':
     n = ds.num_examples or 4 * ds.num_classes
     split_seed = seed * 2 + (split == ds.eval_split)
-    source = SyntheticSource(n, ds.num_classes, ds.image_size, ds.channels, split_seed)
+    multi, max_labels = ds.multi_label, ds.max_labels if ds.multi_label else 1
+    source = SyntheticSource(n, ds.num_classes, ds.image_size, ds.channels, split_seed,
+                             max_labels)
     names = tuple(f'class_{k}' for k in range(ds.num_classes))
   else:
     raise ValueError(f"unknown dataset.name {ds.name!r}: use digits, arrayrecord, tfds or synthetic")
+  where = f'split {split!r} of {ds.name} dataset {ds.data_dir or ds.tfds_name or ds.name!r}'
+  if multi and not ds.multi_label:
+    raise LabelError(f'{where} is multi-label (up to {max_labels or "?"} labels per image): set '
+                     '--config.dataset.multi_label=True and --config.dataset.max_labels (and '
+                     "use a head that takes label sets, e.g. link='sigmoid').")
+  if ds.multi_label:
+    if ds.max_labels < 1:
+      raise ValueError('dataset.multi_label=True needs dataset.max_labels >= 1 (labels per '
+                       'image at most: the padded length of each label list).')
+    if max_labels and max_labels > ds.max_labels:
+      raise LabelError(f'{where} has images with {max_labels} labels but dataset.max_labels = '
+                       f'{ds.max_labels}; set --config.dataset.max_labels={max_labels}.')
+    for field in ('classes', 'label_noise'):
+      if ds[field]:
+        raise ValueError(f'dataset.{field} is not supported for multi-label data.')
   if ds.classes:
     source = ClassSubset(source, ds.classes)
     names = tuple(names[c] for c in ds.classes) if names else ()
   if names and len(names) != ds.num_classes:
     raise ValueError(f'dataset has {len(names)} classes but config.dataset.num_classes = '
                      f'{ds.num_classes}')
+  labels = _labels_up_front(source)
+  bad = bad_labels(labels, ds.num_classes)
+  if len(bad):
+    raise label_error(where, bad, len(labels), ds.num_classes)
+  source = CheckedLabels(source, ds.num_classes, where, ds.max_labels if ds.multi_label else 0)
   if train and ds.label_noise > 0:
     source = NoisyLabels(source, ds.num_classes, ds.label_noise, ds.label_noise_kind, seed,
                          ds.label_noise_reference)

@@ -367,7 +367,9 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
     shapes = stats['shapes']
     meta = {
         'source': src.description,
-        'record_format': "struct.pack('<i', label) + encoded image bytes",
+        'record_format': records.RECORD_FORMAT,
+        'multi_label': False,
+        'max_labels_per_image': 1,
         'encoding': src.encoding,
         'class_names': src.class_names,
         'num_classes': len(src.class_names),

@@ -35,6 +35,11 @@ from llc import codebook_io
 from llc.codes import straight_through_sign
 
 
+LLC_SINGLE_LABEL = (
+    'LLC learns one binary code per class and decodes each image to exactly one class code '
+    '(Kusupati et al. 2021 train single-label softmax); a set of labels has no one code to match.')
+
+
 class CodebookHead(nn.Module):
   """Phase 1: logits = z @ sign(C)^T with a learnt real codebook C [L, k] (straight-through).
 
@@ -46,6 +51,7 @@ class CodebookHead(nn.Module):
   label_smoothing: float = 0.1
   codebook_init: str = ''
   link = 'softmax'
+  label_sets_unsupported = LLC_SINGLE_LABEL
 
   def _codebook_initializer(self):
     if not self.codebook_init:
@@ -82,6 +88,7 @@ class InstanceCodeHead(nn.Module):
   bits: int = 20
   codebook: str = ''
   link = 'softmax'
+  label_sets_unsupported = LLC_SINGLE_LABEL
 
   def _class_codes(self) -> jax.Array:
     def from_file():

@@ -59,6 +59,9 @@ class SOCHead(nn.Module):
   learn_scale: bool = False
   label_smoothing: float = 0.1
   link = 'softmax'
+  label_sets_unsupported = (
+      'SOC pulls each image towards the one Gaussian embedding of its class; a set of labels '
+      'has no single class embedding to fit.')
 
   def setup(self):
     self.projection = nn.Dense(self.dims)

@@ -29,7 +29,10 @@ def _read_split(data_dir, split) -> list[tuple[int, bytes]]:
   out = []
   for path in records.split_paths(str(data_dir), split):
     reader = ArrayRecordReader(path)
-    out += [records.decode_record(r) for r in reader.read_all()]
+    for r in reader.read_all():
+      ids, image = records.decode_record(r)
+      assert len(ids) == 1, ids
+      out.append((int(ids[0]), image))
     reader.close()
   return out
 
@@ -67,11 +70,26 @@ def image_tree(tmp_path):
 # ------------------------------------------------------------------------ records format
 
 
-def test_record_roundtrip():
-  for label, data in [(0, b''), (7, b'\xff\xd8jpeg'), (-1, bytes(range(256))), (2**31 - 1, b'x')]:
-    rec = records.encode_record(label, data)
-    assert rec[:4] == label.to_bytes(4, 'little', signed=True)
-    assert records.decode_record(rec) == (label, data)
+def test_record_roundtrip_of_zero_one_and_many_labels():
+  cases = [([], b''), (7, b'\xff\xd8jpeg'), ([3], bytes(range(256))),
+           ([0, 5, 2**31 - 1, 9], b'x'), (list(range(300)), b'\x89PNG')]
+  for labels, data in cases:
+    rec = records.encode_record(labels, data)
+    ids = [labels] if isinstance(labels, int) else labels
+    # byte layout, written out by hand: uint16 count, int32 ids, then the image
+    assert rec == (len(ids).to_bytes(2, 'little')
+                   + b''.join(i.to_bytes(4, 'little', signed=True) for i in ids) + data)
+    got, image = records.decode_record(rec)
+    assert got.dtype == np.int32 and got.tolist() == ids and image == data
+
+
+def test_version_1_records_still_decode():
+  for label, data in [(0, b''), (7, b'\xff\xd8jpeg'), (2**31 - 1, b'x')]:
+    rec = label.to_bytes(4, 'little', signed=True) + data
+    got, image = records.decode_record(rec, version=1)
+    assert got.tolist() == [label] and image == data
+  with pytest.raises(ValueError, match='too short for its 3 labels'):
+    records.decode_record(records.encode_record([1, 2, 3], b'')[:9])
 
 
 def test_missing_dataset_names_prepare_command(tmp_path):
@@ -216,7 +234,8 @@ def test_real_cifar10_test_split(tmp_path):
     assert meta['class_names'] == list(d['class_names'])
   for i in (0, 1234, 9999):
     image = blob[offsets[i]:offsets[i + 1]].tobytes()
-    assert records.decode_record(source[i]) == (labels[i], image)
+    ids, data = records.decode_record(source[i])
+    assert ids.tolist() == [labels[i]] and data == image
 
 
 # ------------------------------------------------------------------------ image ops

@@ -64,10 +64,13 @@ class Experiment:
   def abstract_batch(self) -> dict:
     """One global train batch as `to_global` assembles it, without data: ShapeDtypeStructs
     sharded over 'data' (`batch_sharding`). image uint8 [B, H, W, C], label int32 [B], mask
-    float32 [B] (per example what `input_pipeline.pipeline.preprocess` emits), B =
+    float32 [B] (per example what `input_pipeline.pipeline.preprocess` emits; label int32
+    [B, dataset.max_labels] for multi-label data), B =
     `input.batch_size`. The one place that knows the batch layout ahead of time."""
     b, sharding = self.config.input.batch_size, batch_sharding(self.mesh)
-    shapes = {'image': ((b, *self.image_shape), np.uint8), 'label': ((b,), np.int32),
+    ds = self.config.dataset
+    label = (b, ds.max_labels) if ds.multi_label else (b,)
+    shapes = {'image': ((b, *self.image_shape), np.uint8), 'label': (label, np.int32),
               'mask': ((b,), np.float32)}
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
             for k, (shape, dtype) in shapes.items()}

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from evaluation.evaluator import evaluate, make_eval_step
 from evaluation.report import write_eval_report
+from heads.base import has_label, top1_correct
 from input_pipeline.pipeline import to_global, train_dataset
 from input_pipeline.sources import build_source
 from training.checkpointing import Checkpointer, check_signature
@@ -46,8 +47,10 @@ def make_train_step(exp: Experiment):
     (loss, (logits, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    labelled = mask * has_label(batch['label'])       # prec@1 for label sets
     metrics = {'loss': loss,
-               'accuracy': jnp.sum((logits.argmax(-1) == batch['label']) * mask) / jnp.sum(mask),
+               'accuracy': (jnp.sum(top1_correct(logits, batch['label']) * labelled)
+                            / jnp.maximum(jnp.sum(labelled), 1.0)),
                'grad_norm': jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2)
                                          for g in jax.tree.leaves(grads))),
                'learning_rate': schedule(state.step),
@@ -150,7 +153,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   def run_eval(step: int) -> dict:
     metrics, bins = evaluate(eval_step, state.params, state.batch_stats, exp.eval_dataset(),
                              exp.mesh, config.eval.num_bins)
-    writer.write(step, {f'eval/{k}': v for k, v in metrics.items()})
+    writer.write(step, {f'eval/{k}': v for k, v in metrics.items()
+                        if isinstance(v, (int, float))})   # not the definitions
     write_eval_report(workdir, step, metrics, bins)
     return metrics
 

@@ -37,6 +37,11 @@ def build_model(config: ml_collections.ConfigDict) -> Classifier:
   dtype = jnp.dtype(m.dtype)
   backbone = build_backbone(m.backbone, dtype=dtype, **m.backbone_kwargs.to_dict())
   head = build_head(m.head, config.dataset.num_classes, **m.head_kwargs.to_dict())
+  why_not = getattr(head, 'label_sets_unsupported', None)
+  if config.dataset.multi_label and why_not:
+    raise ValueError(f'model.head={m.head!r} cannot train on multi-label data '
+                     f'(dataset.multi_label=True): {why_not} Use a softmax/sigmoid, HET or '
+                     'HET-XL head.')
   return Classifier(backbone, head, tuple(config.input.mean), tuple(config.input.std))
 
 

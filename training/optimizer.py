@@ -42,11 +42,15 @@ def build_schedule(c: ml_collections.ConfigDict, num_steps: int) -> optax.Schedu
   if c.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
                                               max(num_steps, warmup + 1))
+  if c.schedule == 'linear':   # warmup, then linear decay to end_learning_rate (big_vision)
+    decay = optax.linear_schedule(lr, c.end_learning_rate, max(num_steps - warmup, 1))
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup]) \
+        if warmup else decay
   if c.schedule == 'constant':
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
                                  optax.constant_schedule(lr)], [warmup]) if warmup else \
         optax.constant_schedule(lr)
-  raise ValueError(f"unknown optimizer.schedule {c.schedule!r}: use 'cosine' or 'constant'")
+  raise ValueError(f"unknown optimizer.schedule {c.schedule!r}: use 'cosine', 'linear' or 'constant'")
 
 
 def param_path(keypath: Sequence[Any]) -> str:
