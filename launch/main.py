@@ -31,6 +31,7 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   config = _CONFIG.value
+  from input_pipeline.sources import LabelError
   from training.checkpointing import IncompatibleCheckpointError
   from training.workdir import WorkdirInUseError
   try:
@@ -42,7 +43,7 @@ def main(argv):
       record = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
       print(json.dumps(record), flush=True)
   except (FileNotFoundError, IncompatibleCheckpointError, WorkdirInUseError,
-          FloatingPointError) as e:
+          FloatingPointError, LabelError) as e:
     # A problem with the inputs, not a bug: the message says what to do; no traceback.
     logging.error('%s: %s', type(e).__name__, e)
     sys.exit(f'error: {e}')
