@@ -1,6 +1,8 @@
 r"""HET-XL on ImageNet-21k (fall 2011, 21,843 classes): ViT-B/16, sigmoid link.
 
-Our choice of recipe (big_vision's ImageNet-21k ViT pre-training with a HET-XL head): R = 50,
+Our choice of recipe (big_vision's ImageNet-21k ViT pre-training with a HET-XL head): sigmoid
+binary cross-entropy on one-hot targets smoothed to 0.9999 / 0.0001 as big_vision's
+`onehot(21843, on=0.9999, off=0.0001)` (`model.head_kwargs.label_smoothing = 1e-4`), R = 50,
 parameter-efficient, S = 1000, temperature learnt in [0.05, 5.0], head bias -10, Adam 1e-3 with
 10k warmup and cosine, decoupled wd 0.1, clip 1.0, batch 4096, 90 epochs (~13M images), 224 px.
 Prepare the data (the tfds 'imagenet21k' build, or an image-folder tree) once:
@@ -31,6 +33,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
     base.hetxl_head(c, num_factors=50, link='sigmoid', parameter_efficient=True,
                     chunk=100, bias_init=-10.0)
     c.model.head_kwargs.compute_dtype = 'bfloat16'
+  c.model.head_kwargs.label_smoothing = 1e-4
   c.train.eval_every = 10_000
   if 'runlocal' in args:
     base.runlocal_stand_in(c)
