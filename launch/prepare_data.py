@@ -2,25 +2,74 @@
 
   python -m launch.prepare_data --source=SOURCE --out=DIR [--num_shards=N]
 
-Sources:
+Single-label sources (one class per image; metadata.json says `multi_label: false`):
   cifar10_npz / caltech101_npz   packed-JPEG npz files in --input_dir (train and test)
   npz:TRAIN.npz[,TEST.npz]       packed-JPEG npz files (keys blob, offsets, labels, class_names);
                                  entries may also be named: npz:train=a.npz,val=b.npz
   folder --input_dir=ROOT        ROOT/<split>/<class>/<file>, or ROOT/<class>/<file> as 'train'
   tfds:NAME --tfds_data_dir=D    a TFDS dataset already on disk (array_record file format)
+                                 whose label feature is a ClassLabel
+
+Multi-label sources (each image carries a set of 0, 1 or more classes; `multi_label: true`):
+  folder --input_dir=ROOT --labels_file=FILE
+      the images listed in a labels file, at paths relative to ROOT (other files in ROOT are
+      ignored). FILE alone is the 'train' split; name the splits to give one file each:
+      --labels_file=train=a.csv,test=b.jsonl (unnamed entries are train, then test). A labels
+      file is read as UTF-8 and its format is chosen by its extension:
+        .csv    one row per image: `path,labels`, the labels joined by --label_sep (default
+                '|'; a space separator splits on any run of whitespace), e.g.
+                  path,labels                <- optional header row (exactly these two words)
+                  photos/0001.jpg,cat|dog
+                  photos/0002.jpg,"traffic light|car"
+                  photos/0003.jpg,           <- an image with no label
+                Quote a field holding a comma (Python's csv module, Excel dialect).
+        .jsonl  (or .ndjson) one JSON object per line:
+                  {"path": "photos/0001.jpg", "labels": ["cat", "dog"]}
+                other keys are ignored; a label may also be an integer class id (an index into
+                --class_names_file, which it then requires).
+      Blank lines are skipped; repeated labels on one line count once. --class_names_file (one
+      name per line; id = its line number - 1) fixes the class list and its order; without it
+      the classes are the sorted union of the names in all the labels files.
+  tfds:NAME --tfds_data_dir=D    a TFDS dataset whose label feature is a
+                                 Sequence(ClassLabel) (--label_key picks it; default 'label',
+                                 then 'labels')
+  mosaic:NPZ_SOURCE [--seed=S] [--num_mosaics=N | train=N,test=M]
+      a seeded multi-label benchmark built from a single-label npz source (cifar10_npz,
+      caltech101_npz or npz:...; with --input_dir as for that source): each image is a 2x2 grid
+      of real images of the same split, tiles in the order top-left, top-right, bottom-left,
+      bottom-right. For mosaic i of a split: m ~ uniform{1, ..., min(4, K')} distinct classes
+      are drawn uniformly without replacement from the K' classes present in the split; each
+      fills one tile and the 4 - m other tiles take classes drawn uniformly from those m (so a
+      class may fill several tiles); the tiles are shuffled, and each takes a distinct image of
+      its class drawn uniformly (with replacement only if the class has too few). The labels
+      are the m classes. Every draw depends only on (seed, split, i). Tiles are decoded as RGB
+      and the mosaic is stored as lossless PNG (2H x 2W for H x W source images). Default: as
+      many mosaics per split as the split has source images.
+
+Bad labels input stops before anything is written, with one error listing every problem (up to
+20) by file:line: a malformed line (wrong field count, invalid JSON, an empty path or class
+name, an absolute path or one leaving ROOT), an image listed twice (both lines named, also
+across splits), a class name not in --class_names_file, a class id outside [0, K), a duplicate
+name in the class-names file. A listed image that is missing or does not decode is reported and
+skipped, like any undecodable image. Images with no label are kept and counted
+(`num_unlabelled` per split in metadata.json).
 
 Images are stored byte-for-byte as they come (never re-encoded; except TFDS images that are only
-available decoded, which become lossless PNG), after checking that each one decodes; those that
-do not are reported and skipped. Shards are written to a temp dir inside DIR and moved in place
-when all are complete, metadata.json last (the old one is removed first), so a reader of DIR sees
-the old dataset, the new one, or none (no metadata.json), never a mix.
+available decoded, which become lossless PNG, and mosaics), after checking that each one
+decodes; those that do not are reported and skipped. Shards are written to a temp dir inside
+DIR and moved in place when all are complete, metadata.json last (the old one is removed
+first), so a reader of DIR sees the old dataset, the new one, or none (no metadata.json), never
+a mix. metadata.json records per split `class_counts` (images carrying each class),
+`num_unlabelled` and `num_labels`, and for the dataset `multi_label` and `max_labels_per_image`.
 """
 import argparse
 import concurrent.futures
+import csv
 import dataclasses
 import functools
 import io
 import itertools
+import json
 import math
 import os
 import re
@@ -28,6 +77,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -46,7 +96,10 @@ _MAX_SKIPPED_LISTED = 1000
 _TMP_PREFIX = '.prepare-tmp-'
 _SHARD_RE = re.compile(r'.+\.array_record-\d{5}-of-\d{5}$')
 
-Fetch = Callable[[], tuple[int, bytes]]  # reads one example: (label, encoded image)
+# Reads one example: (label, encoded image); the label is an int (single-label sources) or a
+# sorted list of distinct class ids (multi-label sources; empty for an unlabelled image).
+Fetch = Callable[[], tuple[Any, bytes]]
+_MAX_ERRORS = 20  # problems listed in one labels-file error
 
 
 @dataclasses.dataclass
@@ -62,13 +115,29 @@ class _Source:
   class_names: list[str]
   splits: dict[str, _Split]
   encoding: str = 'original bytes'
+  multi_label: bool = False
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # more metadata.json keys
+
+
+class LabelsFileError(ValueError):
+  """Unusable labels input (labels file, class-names file); the message names file:line."""
 
 
 # ----------------------------------------------------------------------------- sources
 
 
-def _npz_source(paths: dict[str, str]) -> _Source:
-  splits, class_names = {}, None
+@dataclasses.dataclass
+class _Npz:
+  class_names: list[str]
+  blob: np.ndarray
+  offsets: np.ndarray  # int64 [N + 1]
+  labels: np.ndarray   # int [N]
+  where: Optional[list[str]]  # the 'paths' entry, if any
+
+
+def _load_npz(paths: dict[str, str]) -> dict[str, _Npz]:
+  """The packed-JPEG npz file of each split, checked to share one class list."""
+  out, class_names = {}, None
   for split, path in paths.items():
     with np.load(path, allow_pickle=False) as d:
       names = [str(c) for c in d['class_names']]
@@ -80,6 +149,15 @@ def _npz_source(paths: dict[str, str]) -> _Source:
       class_names = names
     elif names != class_names:
       raise ValueError(f'{path}: class_names differ from those of the other npz files.')
+    out[split] = _Npz(names, blob, offsets, labels, where)
+  return out
+
+
+def _npz_source(paths: dict[str, str]) -> _Source:
+  splits, class_names = {}, None
+  for split, npz in _load_npz(paths).items():
+    path, class_names = paths[split], npz.class_names
+    blob, offsets, labels, where = npz.blob, npz.offsets, npz.labels, npz.where
 
     def items(blob=blob, offsets=offsets, labels=labels, where=where, path=path):
       for i, label in enumerate(labels):
@@ -150,22 +228,28 @@ def _tfds_source(name: str, data_dir: Optional[str], image_key: Optional[str],
                             'this command does not download.')
   features = builder.info.features
   images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
-  labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+  labels = [k for k, f in features.items() if _class_labels(f, tfds) is not None]
   image_key = image_key or ('image' if 'image' in images else (images or [None])[0])
-  label_key = label_key or ('label' if 'label' in labels else (labels or [None])[0])
+  label_key = label_key or next((k for k in ('label', 'labels') if k in labels),
+                                (labels or [None])[0])
   if image_key is None or label_key is None:
-    raise ValueError(f'{name}: need an Image and a ClassLabel feature (top level); found '
-                     f'{list(features)}. Pass --image_key/--label_key.')
-  class_names = list(features[label_key].names)
+    raise ValueError(f'{name}: need an Image and a ClassLabel or Sequence(ClassLabel) feature '
+                     f'(top level); found {list(features)}. Pass --image_key/--label_key.')
+  if label_key not in labels:
+    raise ValueError(f'{name}: --label_key {label_key!r} is not a ClassLabel or '
+                     f'Sequence(ClassLabel) feature; those are {labels}.')
+  multi_label = isinstance(features[label_key], tfds.features.Sequence)
+  class_names = list(_class_labels(features[label_key], tfds).names)
   raw = builder.as_data_source(decoders={image_key: tfds.decode.SkipDecoding()})
   probe = next((raw[s][0][image_key] for s in raw if len(raw[s])), None)
   reencode = not _decodes(probe)
   sources = builder.as_data_source() if reencode else raw
 
-  def fetch(ds, i: int) -> tuple[int, bytes]:
+  def fetch(ds, i: int) -> tuple[Any, bytes]:
     ex = ds[i]
     image = _png(np.asarray(ex[image_key])) if reencode else bytes(ex[image_key])
-    return int(ex[label_key]), image
+    label = np.asarray(ex[label_key])
+    return (sorted({int(k) for k in label.ravel()}) if multi_label else int(label)), image
 
   splits = {}
   for split, ds in sources.items():
@@ -178,7 +262,14 @@ def _tfds_source(name: str, data_dir: Optional[str], image_key: Optional[str],
   encoding = ('png (re-encoded losslessly from the decoded TFDS images)' if reencode
               else 'original bytes')
   desc = f'tfds {builder.info.full_name} from {builder.data_dir} ({image_key}, {label_key})'
-  return _Source(desc, class_names, splits, encoding)
+  return _Source(desc, class_names, splits, encoding, multi_label)
+
+
+def _class_labels(feature: Any, tfds: Any) -> Any:
+  """The ClassLabel of a ClassLabel or Sequence(ClassLabel) feature, else None."""
+  if isinstance(feature, tfds.features.Sequence):
+    feature = feature.feature
+  return feature if isinstance(feature, tfds.features.ClassLabel) else None
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -198,35 +289,363 @@ def _decodes(data: Any) -> bool:
     return False
 
 
-def make_source(source: str, input_dir: Optional[str] = None,
-                tfds_data_dir: Optional[str] = None, image_key: Optional[str] = None,
-                label_key: Optional[str] = None) -> _Source:
-  """Parses a --source value (see the module docstring)."""
+# ----------------------------------------------------------------------------- labels files
+
+
+@dataclasses.dataclass
+class _Listed:
+  """One image of a labels file: where it was listed, its path under ROOT, its labels."""
+  where: str          # 'file:line'
+  path: str           # normalised, relative to ROOT
+  labels: list[Any]   # class names (str) or class ids (int), as written
+
+
+class _Problems:
+  """Collects labels-input problems; `raise_if_any` raises one LabelsFileError listing them."""
+
+  def __init__(self):
+    self.messages: list[str] = []
+
+  def add(self, where: str, message: str) -> None:
+    self.messages.append(f'{where}: {message}')
+
+  def raise_if_any(self) -> None:
+    if self.messages:
+      shown = self.messages[:_MAX_ERRORS]
+      more = len(self.messages) - len(shown)
+      raise LabelsFileError(
+          f'{len(self.messages)} problem(s) in the labels input; nothing was written. Fix them '
+          'and re-run:\n  ' + '\n  '.join(shown) + (f'\n  ... and {more} more' if more else ''))
+
+
+def _split_files(spec: str) -> dict[str, str]:
+  """'a.csv' -> {'train': 'a.csv'}; 'train=a.csv,test=b.jsonl' -> one file per split."""
+  files = {}
+  for i, entry in enumerate(e for e in spec.split(',') if e.strip()):
+    split, sep, path = entry.strip().partition('=')
+    if not sep:
+      if i >= 2:
+        raise LabelsFileError('Name the third and later labels files: '
+                              '--labels_file=train=a.csv,test=b.csv,val=c.csv')
+      split, path = ('train', 'test')[i], entry.strip()
+    if split in files:
+      raise LabelsFileError(f'--labels_file names split {split!r} twice.')
+    files[split] = path
+  if not files:
+    raise LabelsFileError('--labels_file is empty; e.g. --labels_file=labels.csv')
+  return files
+
+
+def _read_class_names(path: str, problems: _Problems) -> list[str]:
+  """One class name per line (id = line number - 1); trailing blank lines are ignored."""
+  with open(path, encoding='utf-8-sig') as f:
+    lines = f.read().splitlines()
+  while lines and not lines[-1].strip():
+    lines.pop()
+  first_line = {}
+  for i, name in enumerate(n.strip() for n in lines):
+    if not name:
+      problems.add(f'{path}:{i + 1}', 'empty line; write one class name per line (class id = '
+                   'line number - 1)')
+    elif name in first_line:
+      problems.add(f'{path}:{i + 1}', f'class name {name!r} repeats line {first_line[name]}')
+    else:
+      first_line[name] = i + 1
+  return [n.strip() for n in lines]
+
+
+def _csv_rows(path: str, sep: str, problems: _Problems) -> Iterator[tuple[int, str, list[str]]]:
+  """(line, image path, class names) of each row of a `path,labels` CSV file."""
+  with open(path, newline='', encoding='utf-8-sig') as f:
+    reader = csv.reader(f)
+    for row in reader:
+      line = reader.line_num
+      if not any(c.strip() for c in row):
+        continue
+      if line == 1 and [c.strip().lower() for c in row] == ['path', 'labels']:
+        continue  # header
+      if len(row) != 2:
+        problems.add(f'{path}:{line}', f'expected 2 fields (path,labels), got {len(row)}: '
+                     f'{row!r}; join the labels with {sep!r} in one field (quote a field that '
+                     'holds a comma), and end an unlabelled image\'s row with a comma')
+        continue
+      field = row[1].strip()
+      names = field.split() if sep.isspace() else [n.strip() for n in field.split(sep)]
+      yield line, row[0].strip(), names if field else []
+
+
+def _jsonl_rows(path: str, problems: _Problems) -> Iterator[tuple[int, str, list[Any]]]:
+  """(line, image path, labels) of each line {"path": ..., "labels": [...]} of a JSONL file."""
+  with open(path, encoding='utf-8-sig') as f:
+    for line, text in enumerate(f, 1):
+      if not text.strip():
+        continue
+      try:
+        obj = json.loads(text)
+      except json.JSONDecodeError as e:
+        problems.add(f'{path}:{line}', f'invalid JSON ({e.msg}, column {e.colno}); expected '
+                     '{"path": "dir/image.jpg", "labels": ["cat", "dog"]}')
+        continue
+      if (not isinstance(obj, dict) or not isinstance(obj.get('path'), str) or
+          not isinstance(obj.get('labels'), list)):
+        problems.add(f'{path}:{line}', 'expected an object with "path" (a string) and "labels" '
+                     '(a list of class names or ids), e.g. {"path": "dir/image.jpg", "labels": '
+                     f'["cat", "dog"]}}; got {text.strip()[:80]}')
+        continue
+      yield line, obj['path'].strip(), obj['labels']
+
+
+def _read_labels_file(path: str, sep: str, problems: _Problems) -> list[_Listed]:
+  """The images listed in one labels file (format by extension), checked line by line."""
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in ('.csv', '.jsonl', '.ndjson'):
+    raise LabelsFileError(f'{path}: unknown labels-file extension {ext!r}; use .csv '
+                          '(path,labels) or .jsonl ({"path": ..., "labels": [...]}).')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--labels_file {path!r} does not exist.')
+  rows = _csv_rows(path, sep, problems) if ext == '.csv' else _jsonl_rows(path, problems)
+  listed, line = [], 0
+  try:
+    for line, image, labels in rows:
+      where = f'{path}:{line}'
+      rel = _relative_image_path(image, where, problems)
+      if _labels_ok(labels, where, problems) and rel is not None:
+        listed.append(_Listed(where, rel, labels))
+  except (UnicodeDecodeError, csv.Error) as e:
+    problems.add(f'{path}:{line + 1}', f'cannot read the file ({type(e).__name__}: {e}); '
+                 'labels files must be UTF-8 text')
+  return listed
+
+
+def _relative_image_path(image: str, where: str, problems: _Problems) -> Optional[str]:
+  """`image` normalised, or None (a problem noted) when empty, absolute or leaving ROOT."""
+  rel = os.path.normpath(image) if image else ''
+  if not image or os.path.isabs(image) or rel == '..' or rel.startswith('..' + os.sep):
+    problems.add(where, f'image path {image!r} must be a non-empty path relative to '
+                 '--input_dir, inside it')
+    return None
+  return rel
+
+
+def _labels_ok(labels: list[Any], where: str, problems: _Problems) -> bool:
+  bad = [k for k in labels
+         if not (isinstance(k, str) and k.strip()) and not (
+             isinstance(k, int) and not isinstance(k, bool))]
+  if bad:
+    problems.add(where, f'labels must be non-empty class names or integer class ids; got '
+                 f'{bad[:3]!r}')
+  return not bad
+
+
+def _label_ids(item: _Listed, index: dict[str, int], num_classes: int,
+               problems: _Problems, names_file: Optional[str]) -> list[int]:
+  """The sorted distinct class ids of `item`; unknown names and ids out of range are noted."""
+  ids = set()
+  for k in item.labels:
+    if isinstance(k, int):
+      if names_file is None:
+        problems.add(item.where, f'integer label {k} needs --class_names_file (the class list '
+                     'that ids index into)')
+      elif not 0 <= k < num_classes:
+        problems.add(item.where, f'class id {k} outside [0, {num_classes}) (K = {num_classes} '
+                     f'classes in {names_file})')
+      else:
+        ids.add(k)
+    elif k.strip() not in index:
+      problems.add(item.where, f'class {k.strip()!r} is not in {names_file}; add it there or '
+                   'fix the label')
+    else:
+      ids.add(index[k.strip()])
+  return sorted(ids)
+
+
+def _labelled_folder_source(root: str, labels_spec: str, class_names_file: Optional[str],
+                            label_sep: str) -> _Source:
+  """Images under `root` listed in labels files (see the module docstring), all checked first."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f'--input_dir {root!r} is not a directory.')
+  if not label_sep or label_sep in ',"\n\r':
+    raise LabelsFileError(f'--label_sep {label_sep!r} cannot separate labels inside a CSV '
+                          'field; use e.g. "|", ";" or " ".')
+  problems = _Problems()
+  class_names = _read_class_names(class_names_file, problems) if class_names_file else None
+  listed = {split: _read_labels_file(path, label_sep, problems)
+            for split, path in _split_files(labels_spec).items()}
+  first = {}  # normalised path -> where first listed
+  for item in itertools.chain.from_iterable(listed.values()):
+    if item.path in first:
+      problems.add(item.where, f'image {item.path!r} already listed at {first[item.path]}; list '
+                   'each image once, with all its labels')
+    else:
+      first[item.path] = item.where
+  if class_names is None:
+    class_names = sorted({k.strip() for item in itertools.chain.from_iterable(listed.values())
+                          for k in item.labels if isinstance(k, str)})
+  index = {name: i for i, name in enumerate(class_names)}
+  splits = {}
+  for split, items in listed.items():
+    entries = [(os.path.join(root, it.path), it.where,
+                _label_ids(it, index, len(class_names), problems, class_names_file))
+               for it in items]
+
+    def read(entries=entries):
+      for path, where, ids in entries:
+        yield f'{where} {path}', functools.partial(_read_file, path, ids)
+
+    num_bytes = sum(os.path.getsize(p) for p, _, _ in entries if os.path.isfile(p))
+    splits[split] = _Split(len(entries), num_bytes, read)
+  problems.raise_if_any()
+  files = ', '.join(f'{s}={p}' for s, p in _split_files(labels_spec).items())
+  return _Source(f'image folder {os.path.abspath(root)} with labels files {files}', class_names,
+                 splits, multi_label=True)
+
+
+# ----------------------------------------------------------------------------- mosaics
+
+
+def class_members(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+  """Source indices of each class, ascending: `mosaic_plan`'s view of a split."""
+  order = np.argsort(labels, kind='stable')
+  return np.split(order, np.searchsorted(labels[order], np.arange(1, num_classes)))
+
+
+def mosaic_plan(members: list[np.ndarray], seed: int, split: str,
+                i: int) -> tuple[np.ndarray, list[int]]:
+  """Mosaic `i` of `split`, whose source images of class c are `members[c]`: (source indices of
+  its 4 tiles [top-left, top-right, bottom-left, bottom-right], its sorted distinct classes).
+
+  The rule is in the module docstring; a pure function of (members, seed, split, i).
+  """
+  rng = np.random.default_rng([seed, zlib.crc32(split.encode()), i])
+  present = np.array([c for c, m in enumerate(members) if len(m)])
+  m = int(rng.integers(1, min(4, len(present)) + 1))
+  chosen = rng.choice(present, m, replace=False)
+  tile_classes = rng.permutation(np.concatenate([chosen, rng.choice(chosen, 4 - m)]))
+  tiles = np.empty(4, np.int64)
+  for c in chosen:
+    slots = np.flatnonzero(tile_classes == c)
+    tiles[slots] = members[c][rng.choice(len(members[c]), len(slots),
+                                         replace=len(slots) > len(members[c]))]
+  return tiles, sorted(int(c) for c in chosen)
+
+
+def _mosaic(npz: _Npz, tiles: np.ndarray) -> bytes:
+  """The 2x2 grid of the given source images (decoded as RGB), as PNG."""
+  images = []
+  for t in tiles:
+    with Image.open(io.BytesIO(npz.blob[npz.offsets[t]:npz.offsets[t + 1]].tobytes())) as im:
+      images.append(np.asarray(im.convert('RGB')))
+  shapes = {a.shape for a in images}
+  if len(shapes) != 1:
+    raise ValueError(f'tiles of different sizes {sorted(shapes)}; a mosaic needs one tile size')
+  grid = np.concatenate([np.concatenate(images[:2], 1), np.concatenate(images[2:], 1)], 0)
+  return _png(grid)
+
+
+def _mosaic_fetch(npz: _Npz, tiles: np.ndarray, classes: list[int]) -> tuple[list[int], bytes]:
+  return classes, _mosaic(npz, tiles)
+
+
+def _mosaic_counts(spec: Optional[str], splits: Sequence[str]) -> dict[str, Optional[int]]:
+  """--num_mosaics: 'N' (every split) or 'train=N,test=M'; None = as many as source images."""
+  counts = dict.fromkeys(splits)
+  for entry in (e.strip() for e in (spec or '').split(',') if e.strip()):
+    split, sep, n = entry.rpartition('=')
+    try:
+      value = int(n)
+    except ValueError:
+      value = -1
+    if value < 1 or (sep and split not in counts):
+      raise ValueError(f'--num_mosaics entry {entry!r}: use a positive count N or SPLIT=N with '
+                       f'SPLIT in {list(counts)}.')
+    for s in ([split] if sep else counts):
+      counts[s] = value
+  return counts
+
+
+def _mosaic_source(inner: str, input_dir: Optional[str], seed: int,
+                   num_mosaics: Optional[str]) -> _Source:
+  paths = _npz_paths(inner, input_dir)
+  if paths is None:
+    raise ValueError(f'--source=mosaic:{inner}: mosaics are built from a packed npz source '
+                     '(cifar10_npz, caltech101_npz or npz:...), e.g. --source=mosaic:cifar10_npz.')
+  data = _load_npz(paths)
+  counts = _mosaic_counts(num_mosaics, list(data))
+  class_names = next(iter(data.values())).class_names
+  splits = {}
+  for split, npz in data.items():
+    num = counts[split] or len(npz.labels)
+    members = class_members(npz.labels, len(class_names))
+
+    def items(npz=npz, split=split, num=num, members=members):
+      for i in range(num):
+        tiles, classes = mosaic_plan(members, seed, split, i)
+        where = f'mosaic {split}[{i}] of {paths[split]}{tiles.tolist()}'
+        yield where, functools.partial(_mosaic_fetch, npz, tiles, classes)
+
+    per_image = (npz.offsets[-1] - npz.offsets[0]) / max(len(npz.labels), 1)
+    splits[split] = _Split(num, int(12 * per_image * num), items)  # PNG of 4 tiles: ~3x JPEG
+  desc = (f'2x2 mosaics (seed {seed}) of packed-JPEG npz: '
+          + ', '.join(f'{s}={os.path.basename(p)}' for s, p in paths.items()))
+  extra = {'mosaic': {'seed': seed, 'grid': [2, 2],
+                      'tile_order': ['top-left', 'top-right', 'bottom-left', 'bottom-right'],
+                      'distinct_classes': 'uniform on 1..min(4, classes in the split)',
+                      'sources': paths, 'num_source_images': {s: len(d.labels)
+                                                              for s, d in data.items()}}}
+  return _Source(desc, class_names, splits, 'png (2x2 mosaics of the decoded source images)',
+                 multi_label=True, extra=extra)
+
+
+def _npz_paths(source: str, input_dir: Optional[str]) -> Optional[dict[str, str]]:
+  """split -> npz file of a named or npz:... source; None for other sources."""
   if source in NAMED_NPZ:
     if not input_dir:
       raise ValueError(f'--source={source} needs --input_dir (the folder holding '
                        f'{", ".join(NAMED_NPZ[source].values())}).')
-    return _npz_source({s: os.path.join(input_dir, f) for s, f in NAMED_NPZ[source].items()})
-  if source.startswith('npz:'):
-    paths = {}
-    for i, entry in enumerate(e for e in source[4:].split(',') if e):
-      split, _, path = entry.rpartition('=')
-      if not split:
-        if i >= 2:
-          raise ValueError('Name the third and later npz files: npz:train=a,test=b,val=c.')
-        split = ('train', 'test')[i]
-      paths[split] = os.path.join(input_dir, path) if input_dir else path
-    if not paths:
-      raise ValueError('npz: needs at least one file, e.g. --source=npz:train.npz,test.npz')
+    return {s: os.path.join(input_dir, f) for s, f in NAMED_NPZ[source].items()}
+  if not source.startswith('npz:'):
+    return None
+  paths = {}
+  for i, entry in enumerate(e for e in source[4:].split(',') if e):
+    split, _, path = entry.rpartition('=')
+    if not split:
+      if i >= 2:
+        raise ValueError('Name the third and later npz files: npz:train=a,test=b,val=c.')
+      split = ('train', 'test')[i]
+    paths[split] = os.path.join(input_dir, path) if input_dir else path
+  if not paths:
+    raise ValueError('npz: needs at least one file, e.g. --source=npz:train.npz,test.npz')
+  return paths
+
+
+def make_source(source: str, input_dir: Optional[str] = None,
+                tfds_data_dir: Optional[str] = None, image_key: Optional[str] = None,
+                label_key: Optional[str] = None, labels_file: Optional[str] = None,
+                class_names_file: Optional[str] = None, label_sep: str = '|',
+                seed: int = 0, num_mosaics: Optional[str] = None) -> _Source:
+  """Parses a --source value (see the module docstring). A labels file is read and checked
+  whole here, before anything is written (LabelsFileError naming file:line otherwise)."""
+  if (labels_file or class_names_file) and source != 'folder':
+    raise ValueError('--labels_file / --class_names_file go with --source=folder.')
+  if class_names_file and not labels_file:
+    raise ValueError('--class_names_file needs --labels_file (the class list of its labels).')
+  if num_mosaics and not source.startswith('mosaic:'):
+    raise ValueError('--num_mosaics goes with --source=mosaic:...')
+  if source.startswith('mosaic:'):
+    return _mosaic_source(source[len('mosaic:'):], input_dir, seed, num_mosaics)
+  paths = _npz_paths(source, input_dir)
+  if paths is not None:
     return _npz_source(paths)
   if source == 'folder':
     if not input_dir:
       raise ValueError('--source=folder needs --input_dir=ROOT.')
+    if labels_file:
+      return _labelled_folder_source(input_dir, labels_file, class_names_file, label_sep)
     return _folder_source(input_dir)
   if source.startswith('tfds:'):
     return _tfds_source(source[5:], tfds_data_dir, image_key, label_key)
   raise ValueError(f'Unknown --source {source!r}: use cifar10_npz, caltech101_npz, '
-                   'npz:TRAIN[,TEST], folder or tfds:NAME.')
+                   'npz:TRAIN[,TEST], folder, tfds:NAME or mosaic:NPZ_SOURCE.')
 
 
 # ----------------------------------------------------------------------------- writing
@@ -258,10 +677,14 @@ def _write_split(split: str, spec: _Split, num_classes: int, num_shards: int, tm
   names = [records.shard_name(split, i, num_shards) for i in range(num_shards)]
   lengths, class_counts = [0] * num_shards, [0] * num_classes
   writer, current, num_bytes, skipped, t0 = None, -1, 0, 0, time.time()
+  num_unlabelled = num_labels = max_labels = 0
   results = _ordered_map(pool, _check, spec.items())
   for k, (where, label, data, fmt, shape, error) in enumerate(results):
-    if error is None and not 0 <= label < num_classes:
-      error = f'label {label} outside [0, {num_classes})'
+    ids = np.atleast_1d(np.asarray(label, np.int64))
+    bad = ids[(ids < 0) | (ids >= num_classes)].tolist()
+    if error is None and bad:
+      error = (f'label {bad[0]}' if len(bad) == 1 else f'labels {bad}') + (
+          f' outside [0, {num_classes})')
     if error is not None:
       skipped += 1
       print(f'[prepare_data] skipping {split}[{k}] {where}: {error}', file=sys.stderr)
@@ -276,7 +699,11 @@ def _write_split(split: str, spec: _Split, num_classes: int, num_shards: int, tm
       writer = ArrayRecordWriter(os.path.join(tmp_dir, names[current]), records.WRITER_OPTIONS)
     writer.write(records.encode_record(label, data))
     lengths[shard] += 1
-    class_counts[label] += 1
+    for i in ids:
+      class_counts[i] += 1
+    num_labels += len(ids)
+    num_unlabelled += len(ids) == 0
+    max_labels = max(max_labels, len(ids))
     num_bytes += len(data)
     stats['formats'][fmt] = stats['formats'].get(fmt, 0) + 1
     stats['shapes'].add(shape)
@@ -289,7 +716,9 @@ def _write_split(split: str, spec: _Split, num_classes: int, num_shards: int, tm
     writer = ArrayRecordWriter(os.path.join(tmp_dir, names[current]), records.WRITER_OPTIONS)
   writer.close()
   return {'num_examples': sum(lengths), 'num_skipped': skipped, 'num_bytes': num_bytes,
-          'shards': names, 'shard_lengths': lengths, 'class_counts': class_counts}
+          'shards': names, 'shard_lengths': lengths, 'class_counts': class_counts,
+          'num_labels': num_labels, 'num_unlabelled': num_unlabelled,
+          'max_labels_per_image': max_labels}
 
 
 def _ordered_map(pool, fn, items: Iterator, chunk: int = 256) -> Iterator:
@@ -323,15 +752,21 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
             num_shards: Optional[int] = None, tfds_data_dir: Optional[str] = None,
             image_key: Optional[str] = None, label_key: Optional[str] = None,
             splits: Optional[Sequence[str]] = None, num_workers: Optional[int] = None,
+            labels_file: Optional[str] = None, class_names_file: Optional[str] = None,
+            label_sep: str = '|', seed: int = 0, num_mosaics: Optional[str] = None,
             verbose: bool = True) -> dict[str, Any]:
   """Writes the ArrayRecord dataset of `source` (see module docstring) to `out_dir`.
 
   `num_shards` applies to every split (default: about one per 256 MiB). Any dataset already in
   `out_dir` is replaced as a whole (other files there are left alone). Returns the metadata.
+  The other arguments are the command-line flags of the same names. Raises LabelsFileError
+  (file:line of every problem) for unusable labels input, ValueError / FileNotFoundError for
+  other bad arguments, before `out_dir` is touched.
   """
   log = (lambda msg: print(msg, flush=True)) if verbose else (lambda msg: None)
   t0 = time.time()
-  src = make_source(source, input_dir, tfds_data_dir, image_key, label_key)
+  src = make_source(source, input_dir, tfds_data_dir, image_key, label_key, labels_file,
+                    class_names_file, label_sep, seed, num_mosaics)
   if splits:
     unknown = set(splits) - set(src.splits)
     if unknown:
@@ -368,8 +803,9 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
     meta = {
         'source': src.description,
         'record_format': records.RECORD_FORMAT,
-        'multi_label': False,
-        'max_labels_per_image': 1,
+        'multi_label': src.multi_label,
+        'max_labels_per_image': (max(m['max_labels_per_image'] for m in split_meta.values())
+                                 if src.multi_label else 1),
         'encoding': src.encoding,
         'class_names': src.class_names,
         'num_classes': len(src.class_names),
@@ -378,6 +814,7 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
         'splits': split_meta,
         'num_skipped': sum(m['num_skipped'] for m in split_meta.values()),
         'skipped': stats['skipped'],
+        **src.extra,
     }
     records.write_metadata(tmp_dir, meta)
     _replace_dataset(out_dir, tmp_dir)
@@ -397,6 +834,9 @@ def _summary(meta: dict[str, Any], out_dir: str, seconds: float, log) -> None:
     log(f'  {split:>10}: {m["num_examples"]:>9,} examples, {m["num_skipped"]} skipped, '
         f'{m["num_bytes"] / 2**20:,.1f} MiB of images, {disk / 2**20:,.1f} MiB on disk, '
         f'{len(m["shards"])} shard(s)')
+    if meta['multi_label']:
+      log(f'  {"":>10}  {m["num_labels"]:,} labels, {m["num_unlabelled"]:,} unlabelled, '
+          f'at most {m["max_labels_per_image"]} per image')
   if meta['num_skipped']:
     log(f'  skipped {meta["num_skipped"]} undecodable image(s); see "skipped" in metadata.json')
 
@@ -406,7 +846,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       prog='python -m launch.prepare_data', description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--source', required=True,
-                      help='cifar10_npz | caltech101_npz | npz:TRAIN[,TEST] | folder | tfds:NAME')
+                      help='cifar10_npz | caltech101_npz | npz:TRAIN[,TEST] | folder | tfds:NAME '
+                      '| mosaic:NPZ_SOURCE')
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--input_dir', help='folder of the npz files, or root of an image folder')
   parser.add_argument('--num_shards', type=int, help='shards per split (default ~256 MiB each)')
@@ -415,10 +856,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--label_key', help='TFDS label feature (default: label)')
   parser.add_argument('--splits', help='comma-separated subset of the splits to write')
   parser.add_argument('--num_workers', type=int, help='decode-check threads')
+  parser.add_argument('--labels_file', help='folder: FILE.csv|FILE.jsonl (train) or '
+                      'train=a.csv,test=b.jsonl (multi-label)')
+  parser.add_argument('--class_names_file', help='folder + labels: one class name per line')
+  parser.add_argument('--label_sep', default='|', help="CSV labels separator (default '|')")
+  parser.add_argument('--seed', type=int, default=0, help='mosaic: seed of every draw')
+  parser.add_argument('--num_mosaics', help='mosaic: N per split or train=N,test=M '
+                      '(default: as many as source images)')
   args = parser.parse_args(argv)
-  prepare(args.source, args.out, input_dir=args.input_dir, num_shards=args.num_shards,
-          tfds_data_dir=args.tfds_data_dir, image_key=args.image_key, label_key=args.label_key,
-          splits=args.splits.split(',') if args.splits else None, num_workers=args.num_workers)
+  try:
+    prepare(args.source, args.out, input_dir=args.input_dir, num_shards=args.num_shards,
+            tfds_data_dir=args.tfds_data_dir, image_key=args.image_key,
+            label_key=args.label_key, splits=args.splits.split(',') if args.splits else None,
+            num_workers=args.num_workers, labels_file=args.labels_file,
+            class_names_file=args.class_names_file, label_sep=args.label_sep, seed=args.seed,
+            num_mosaics=args.num_mosaics)
+  except (ValueError, FileNotFoundError) as e:
+    # Bad input, not a bug: the message says what is wrong and where; no traceback.
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
