@@ -2,8 +2,10 @@
 and the device stage that assembles global arrays from each process's share.
 
 Training data is a pure function of (seed, epoch, index): `random_map` seeds each element's
-rng from its position in the repeated, shuffled dataset, and the iterator state (checkpointed
-with the model) says where to continue.
+rng from its position in the repeated, shuffled dataset, batches are built before grain hands
+them to worker processes (so the worker count changes nothing), and the iterator state
+(checkpointed with the model) is the number of examples consumed, so a run resumes exactly
+with any worker count or batch size.
 """
 import dataclasses
 import math
@@ -98,25 +100,101 @@ def _per_process(global_batch: int) -> int:
   return global_batch // count
 
 
-def _finish(ds: grain.MapDataset, batch: int, num_workers: int) -> grain.IterDataset:
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=2 * batch))
-  it = it.batch(batch, drop_remainder=True)
+def _finish(batches: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+  """Reads whole batches in threads, or in `num_workers` mp_prefetch processes: worker w builds
+  batches w, w + W, ... and grain interleaves them back in order, so the batches do not depend
+  on the worker count (grain slices the dataset for its workers *after* all MapDataset
+  transformations, so batching must be one of them)."""
+  threads = 2 if num_workers else 4
+  it = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                 prefetch_buffer_size=threads))
   if num_workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it
 
 
+def _examples_consumed(state: dict) -> int:
+  """This process's examples consumed, from a `TrainBatches` state or from the states of the
+  grain iterators this module returned before (batched after `to_iter_dataset`): in-process
+  {'next_index': examples}, or an mp_prefetch interleave state whose workers' `next_index`
+  sum to the examples consumed (exact for 1 worker; with more, the old batches had been drawn
+  in a worker-dependent order, so resuming there continues at the same count)."""
+  if TrainBatches.STATE_KEY in state:
+    return int(state[TrainBatches.STATE_KEY])
+  if set(state) == {'next_index'}:
+    return int(state['next_index'])
+  if 'iterators_in_use_states' in state:
+    return sum(int(s['next_index']) for s in state['iterators_in_use_states'] if s)
+  raise ValueError(f'unrecognised training data-iterator state {state!r}: expected '
+                   f'{{{TrainBatches.STATE_KEY!r}: examples consumed}}')
+
+
+class TrainBatches(grain.DatasetIterator):
+  """Endless training batches of this process, resumable for any batch size or worker count.
+
+  Batch b holds examples [E + b * batch, E + (b + 1) * batch) of this process's endless
+  stream (see `train_dataset`), where E is where `set_state` says to continue; batches are
+  identical for any `num_workers` (see `_finish`). The state is {'next_example': n}, the
+  number of this process's examples consumed: it means the same for any batch size or
+  worker count, and states of the previous pipeline are converted (`_examples_consumed`).
+  """
+  STATE_KEY = 'next_example'
+
+  def __init__(self, examples: grain.MapDataset, batch: int, num_workers: int):
+    super().__init__()
+    self._examples, self._batch, self._num_workers = examples, batch, num_workers
+    self._next = 0
+    self._inner = None
+
+  def _open(self) -> None:
+    batches = self._examples[self._next:].batch(self._batch, drop_remainder=True)
+    self._inner = iter(_finish(batches, self._num_workers))
+
+  def _drop(self) -> None:
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+
+  def __next__(self) -> dict:
+    if self._inner is None:
+      self._open()
+    batch = next(self._inner)
+    self._next += self._batch
+    return batch
+
+  def get_state(self) -> dict:
+    return {self.STATE_KEY: self._next}
+
+  def set_state(self, state: dict) -> None:
+    self._drop()
+    self._next = _examples_consumed(state)
+
+  def start_prefetch(self) -> None:
+    if self._inner is None:
+      self._open()
+    self._inner.start_prefetch()
+
+  def close(self) -> None:
+    self._drop()
+
+
 def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
                   image_size: int, channels: int, shuffle: bool = True,
-                  num_workers: int = 0) -> grain.IterDataset:
-  """Endless training batches of this process: {'image' uint8, 'label' int32, 'mask'}."""
+                  num_workers: int = 0) -> TrainBatches:
+  """Endless training batches of this process: {'image' uint8, 'label' int32, 'mask'}.
+
+  This process's stream is example i of the seeded, per-epoch reshuffled, repeated source at
+  positions process_index, process_index + process_count, ...; each example is augmented
+  with an rng seeded by its position in that stream, so batches are a pure function of
+  (seed, position) whatever `num_workers`.
+  """
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(None)
   ds = ds[jax.process_index()::jax.process_count()]
   ds = ds.random_map(TrainPreprocess(augment, image_size, channels), seed=seed)
-  return _finish(ds, _per_process(global_batch), num_workers)
+  return TrainBatches(ds, _per_process(global_batch), num_workers)
 
 
 def eval_dataset(source: Any, *, global_batch: int, eval_mode: str, image_size: int,
@@ -131,7 +209,8 @@ def eval_dataset(source: Any, *, global_batch: int, eval_mode: str, image_size: 
   ds = grain.MapDataset.source(PaddedSource(source, num_batches * global_batch))
   ds = ds[jax.process_index()::jax.process_count()]
   ds = ds.map(EvalPreprocess(eval_mode, image_size, channels))
-  return _finish(ds, _per_process(global_batch), num_workers), num_batches
+  ds = ds.batch(_per_process(global_batch), drop_remainder=True)
+  return _finish(ds, num_workers), num_batches
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:
