@@ -340,12 +340,22 @@ class NoisyLabels:
             'flips_sha256': hashlib.sha256(table.tobytes()).hexdigest(),
             'flips': table.tolist()}
 
-  def write_record(self, workdir: str, name: str = 'label_noise.json') -> dict:
-    """Writes `record()` to `workdir/name` (atomically) and returns it."""
+  def write_record(self, workdir: str, name: str = 'label_noise.json',
+                   max_examples: int = 1_000_000) -> dict | None:
+    """Writes `record()` to `workdir/name` (atomically) and returns it; None, writing nothing,
+    when the file exists (a resumed run: same seed, same flips) or the split has more than
+    `max_examples` examples (reading them all would take too long; call record() offline)."""
     import json
     import os
-    record = self.record()
+    from absl import logging
     path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      return None
+    if len(self._source) > max_examples:
+      logging.warning('label noise not recorded in %s: %d examples > %d', path,
+                      len(self._source), max_examples)
+      return None
+    record = self.record()
     with open(path + '.tmp', 'w') as f:
       json.dump(record, f)
     os.replace(path + '.tmp', path)

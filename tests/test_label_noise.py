@@ -214,3 +214,23 @@ def test_reference_probs_of_a_trained_workdir(tmp_path):
   noisy = NoisyLabels(source, K, 0.3, 'input_dependent', 0, str(out))
   record = noisy.record()
   assert abs(record['realised_rate'] - 0.3) < 4 * np.sqrt(0.21 / len(source))
+
+
+def test_training_writes_the_realised_flips(tmp_path):
+  """launch.main with label noise writes label_noise.json once: the flips equal those of the
+  symmetric rule computed here from (seed, index) and the clean labels."""
+  from input_pipeline.sources import build_source
+  from tests.helpers import load_config, run_main
+  run_main('--config=configs/quickstart.py:runlocal', f'--workdir={tmp_path}',
+           '--config.dataset.label_noise=0.3', '--config.train.num_steps=1')
+  record = json.loads((tmp_path / 'label_noise.json').read_text())
+  config = load_config('quickstart.py', 'runlocal')
+  clean, _ = build_source(config.dataset, config.dataset.train_split, 0, train=False)
+  expected = []
+  for i in range(len(clean)):
+    rng = np.random.default_rng([config.seed, 7919, i])
+    y = int(clean[i]['label'])
+    if rng.random() < 0.3:
+      expected.append([i, y, (y + int(rng.integers(1, K))) % K])
+  assert record['flips'] == expected and record['kind'] == 'symmetric'
+  assert record['realised_rate'] == len(expected) / len(clean)

@@ -17,7 +17,7 @@ from evaluation.evaluator import evaluate, make_eval_step
 from evaluation.report import write_eval_report
 from heads.base import has_label, top1_correct
 from input_pipeline.pipeline import to_global, train_dataset
-from input_pipeline.sources import build_source
+from input_pipeline.sources import NoisyLabels, build_source
 from training.checkpointing import Checkpointer, check_signature
 from training.experiment import Experiment
 from training.metric_writer import MetricWriter
@@ -116,6 +116,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   # ----- Input: grain, sharded per process; assembled into global arrays per step.
   train_source, _ = build_source(config.dataset, config.dataset.train_split, config.seed,
                                  train=True)
+  if isinstance(train_source, NoisyLabels) and jax.process_index() == 0:
+    train_source.write_record(workdir)   # label_noise.json: the realised flips, once per workdir
   train_iter = iter(train_dataset(
       train_source, global_batch=config.input.batch_size, seed=config.seed,
       augment=config.input.train_augment, image_size=config.input.image_size,
