@@ -26,6 +26,8 @@ def preprocess(element: dict, rng: np.random.Generator | None, *, augment: str =
   from input_pipeline import image_ops
   image = element['image']
   encoded = isinstance(image, (bytes, bytearray))
+  if not encoded and np.asarray(image).dtype == np.uint16:  # decoded 16-bit (tfds arrays)
+    image = image_ops.high_byte(image)                      # as `decode` does, never wrapped
   if augment == 'inception':
     if not image_size:
       raise ValueError("input.train_augment='inception' needs input.image_size")
