@@ -357,7 +357,7 @@ def _read_class_names(path: str, problems: _Problems) -> list[str]:
 def _csv_rows(path: str, sep: str, problems: _Problems) -> Iterator[tuple[int, str, list[str]]]:
   """(line, image path, class names) of each row of a `path,labels` CSV file."""
   with open(path, newline='', encoding='utf-8-sig') as f:
-    reader = csv.reader(f, strict=True)
+    reader = csv.reader(f)
     for row in reader:
       line = reader.line_num
       if not any(c.strip() for c in row):
@@ -411,11 +411,9 @@ def _read_labels_file(path: str, sep: str, problems: _Problems) -> list[_Listed]
       rel = _relative_image_path(image, where, problems)
       if _labels_ok(labels, where, problems) and rel is not None:
         listed.append(_Listed(where, rel, labels))
-  except UnicodeDecodeError as e:
-    problems.add(f'{path}:{line + 1}', f'not UTF-8 text ({e}); save the labels file as UTF-8')
-  except csv.Error as e:
-    problems.add(f'{path}:{line + 1}', f'malformed CSV ({e}); a quoted field must end with its '
-                 'closing quote')
+  except (UnicodeDecodeError, csv.Error) as e:
+    problems.add(f'{path}:{line + 1}', f'cannot read the file ({type(e).__name__}: {e}); '
+                 'labels files must be UTF-8 text')
   return listed
 
 
@@ -471,8 +469,8 @@ def _labelled_folder_source(root: str, labels_spec: str, class_names_file: Optio
                           'field; use e.g. "|", ";" or " ".')
   problems = _Problems()
   class_names = _read_class_names(class_names_file, problems) if class_names_file else None
-  files = _split_files(labels_spec)
-  listed = {split: _read_labels_file(path, label_sep, problems) for split, path in files.items()}
+  listed = {split: _read_labels_file(path, label_sep, problems)
+            for split, path in _split_files(labels_spec).items()}
   first = {}  # normalised path -> where first listed
   for item in itertools.chain.from_iterable(listed.values()):
     if item.path in first:
@@ -497,8 +495,8 @@ def _labelled_folder_source(root: str, labels_spec: str, class_names_file: Optio
     num_bytes = sum(os.path.getsize(p) for p, _, _ in entries if os.path.isfile(p))
     splits[split] = _Split(len(entries), num_bytes, read)
   problems.raise_if_any()
-  named = ', '.join(f'{s}={p}' for s, p in files.items())
-  return _Source(f'image folder {os.path.abspath(root)} with labels files {named}', class_names,
+  files = ', '.join(f'{s}={p}' for s, p in _split_files(labels_spec).items())
+  return _Source(f'image folder {os.path.abspath(root)} with labels files {files}', class_names,
                  splits, multi_label=True)
 
 
