@@ -25,5 +25,10 @@ setup(
         'matplotlib>=3.9',
         'tensorboardX>=2.6.2',
     ],
-    extras_require={'test': ['pytest>=8.0']},
+    extras_require={
+        'test': ['pytest>=8.0'],
+        # launch.compile: the TPU compiler, to compile for a Cloud TPU topology on a CPU host
+        # (the version jax 0.10.2's `tpu` extra pins)
+        'tpu_compile': ['libtpu==0.0.42.1'],
+    },
 )
