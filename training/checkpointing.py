@@ -120,10 +120,11 @@ def config_changes(saved: Any, current: Any) -> list[str]:
           if k not in old or k not in new or norm(old[k]) != norm(new[k])]
 
 
-def _array_signature(tree: Any) -> dict:
-  """{'opt_state/1/0/trace/w': (shape, dtype)} of a state or of orbax's metadata of one."""
+def _array_shapes(tree: Any) -> dict:
+  """{'opt_state/1/0/trace/w': shape} of a train state, or of orbax's metadata of a saved one
+  (both flattened the way orbax stores them)."""
   flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True))
-  return {'/'.join(map(str, path)): (tuple(leaf.shape), str(leaf.dtype))
+  return {'/'.join(map(str, path)): tuple(leaf.shape)
           for path, leaf in flat.items() if hasattr(leaf, 'shape')}
 
 
@@ -242,8 +243,8 @@ class Checkpointer:
       raise IncompatibleCheckpointError(
           f'{where} holds the data positions of other processes ({", ".join(written)}), none for '
           f'this one ({mine}): resume with the process count that wrote it, {fresh}')
-    saved = {k: v[0] for k, v in _array_signature(self._manager.item_metadata(step)['state']).items()}
-    now = {k: v[0] for k, v in _array_signature(abstract_state).items()}
+    saved = _array_shapes(self._manager.item_metadata(step)['state'])
+    now = _array_shapes(abstract_state)
     if saved != now:
       diffs = ([f'  only in the checkpoint: {k} {saved[k]}' for k in sorted(set(saved) - set(now))]
                + [f'  only in this config:   {k} {now[k]}' for k in sorted(set(now) - set(saved))]
