@@ -36,9 +36,10 @@ Cost and memory: samples are processed `mc_chunk_size` at a time in a rematerial
 projection is one matmul [B*chunk, D] x [D, K] in `compute_dtype` with f32 accumulation (all
 matmuls use `compute_dtype`; softmax and logsumexp are always f32). In rank-1 mode HET-XL uses
 the exact factorised form u_s = mu + (W^T V') eps_R,s + (W^T d') z_s, costing B*K*(R+1)*(D+S)
-instead of B*S*D*K. Low-dimensional noise (eps_R, HET-XL's eps_D, rank-1 z) is drawn for all S
-samples up front; HET's K-dim diagonal noise is drawn per chunk, sample s from
-fold_in(key, s), so results do not depend on the chunk size.
+instead of B*S*D*K. Low-dimensional noise (eps_R [B, S, R], rank-1 z [B, S, 1]) is drawn for
+all S samples up front; the diagonal noise (HET's eps_K, HET-XL's eps_D) is drawn per chunk,
+sample s from fold_in(key, s), so results do not depend on the chunk size and no [B, S, D] or
+[B, S, K] noise exists (at JFT sizes, HET-XL's [B, S, D] draws cost 170 MiB of temporaries).
 
 Sigmoid link without sampling: `mc_method='quadrature'` (sigmoid link only; a ValueError for
 softmax) computes each class's marginal mean and variance in closed form (`_marginals`, cost
@@ -209,18 +210,18 @@ class _HeteroscedasticHead(nn.Module):
       log_p, log_1mp = quadrature.sigmoid_log_marginals(mean, var, tau, self.quadrature_nodes)
       return self._sigmoid_output(log_p, log_1mp, labels)
 
-    # Noise. Low-dimensional draws are made for all samples up front.
+    # Noise. Low-dimensional draws are made for all samples up front, diagonal ones per chunk.
     num_samples = self.train_mc_samples if train else self.eval_mc_samples
     share = self.share_samples_across_batch
     rank1 = self.diag_noise == 'rank1'
     eps_r = (mc.normal_upfront(self._noise_key(_RNG_R, train), batch, num_samples, R, share)
              if R else None)
     key_diag = self._noise_key(_RNG_DIAG, train)
-    if rank1 or latent:
-      eps_diag = mc.normal_upfront(key_diag, batch, num_samples, 1 if rank1 else n, share)
+    if rank1:
+      eps_diag = mc.normal_upfront(key_diag, batch, num_samples, 1, share)
 
     def diag_noise(idx):     # [B or 1, C, n or 1]
-      if rank1 or latent:
+      if rank1:
         return mc.take_samples(eps_diag, idx)
       return mc.normal_per_sample(key_diag, idx, batch, n, share)
 
