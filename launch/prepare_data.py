@@ -336,10 +336,22 @@ def _split_files(spec: str) -> dict[str, str]:
   return files
 
 
+def _read_text(path: str, problems: _Problems) -> str:
+  """The file as UTF-8 text (a leading BOM dropped); '' with a problem noted if it is not."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    return data.decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b'\n') + 1
+    problems.add(f'{path}:{line}',
+                 f'not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8')
+    return ''
+
+
 def _read_class_names(path: str, problems: _Problems) -> list[str]:
   """One class name per line (id = line number - 1); trailing blank lines are ignored."""
-  with open(path, encoding='utf-8-sig') as f:
-    lines = f.read().splitlines()
+  lines = _read_text(path, problems).splitlines()
   while lines and not lines[-1].strip():
     lines.pop()
   first_line = {}
@@ -354,10 +366,11 @@ def _read_class_names(path: str, problems: _Problems) -> list[str]:
   return [n.strip() for n in lines]
 
 
-def _csv_rows(path: str, sep: str, problems: _Problems) -> Iterator[tuple[int, str, list[str]]]:
+def _csv_rows(path: str, text: str, sep: str,
+              problems: _Problems) -> Iterator[tuple[int, str, list[str]]]:
   """(line, image path, class names) of each row of a `path,labels` CSV file."""
-  with open(path, newline='', encoding='utf-8-sig') as f:
-    reader = csv.reader(f)
+  reader = csv.reader(io.StringIO(text, newline=''), strict=True)
+  try:
     for row in reader:
       line = reader.line_num
       if not any(c.strip() for c in row):
@@ -372,27 +385,30 @@ def _csv_rows(path: str, sep: str, problems: _Problems) -> Iterator[tuple[int, s
       field = row[1].strip()
       names = field.split() if sep.isspace() else [n.strip() for n in field.split(sep)]
       yield line, row[0].strip(), names if field else []
+  except csv.Error as e:
+    problems.add(f'{path}:{reader.line_num}', f'malformed CSV ({e}); a quoted field must end '
+                 'with its closing quote')
 
 
-def _jsonl_rows(path: str, problems: _Problems) -> Iterator[tuple[int, str, list[Any]]]:
+def _jsonl_rows(path: str, text: str,
+                problems: _Problems) -> Iterator[tuple[int, str, list[Any]]]:
   """(line, image path, labels) of each line {"path": ..., "labels": [...]} of a JSONL file."""
-  with open(path, encoding='utf-8-sig') as f:
-    for line, text in enumerate(f, 1):
-      if not text.strip():
-        continue
-      try:
-        obj = json.loads(text)
-      except json.JSONDecodeError as e:
-        problems.add(f'{path}:{line}', f'invalid JSON ({e.msg}, column {e.colno}); expected '
-                     '{"path": "dir/image.jpg", "labels": ["cat", "dog"]}')
-        continue
-      if (not isinstance(obj, dict) or not isinstance(obj.get('path'), str) or
-          not isinstance(obj.get('labels'), list)):
-        problems.add(f'{path}:{line}', 'expected an object with "path" (a string) and "labels" '
-                     '(a list of class names or ids), e.g. {"path": "dir/image.jpg", "labels": '
-                     f'["cat", "dog"]}}; got {text.strip()[:80]}')
-        continue
-      yield line, obj['path'].strip(), obj['labels']
+  for line, entry in enumerate(text.split('\n'), 1):
+    if not entry.strip():
+      continue
+    try:
+      obj = json.loads(entry)
+    except json.JSONDecodeError as e:
+      problems.add(f'{path}:{line}', f'invalid JSON ({e.msg}, column {e.colno}); expected '
+                   '{"path": "dir/image.jpg", "labels": ["cat", "dog"]}')
+      continue
+    if (not isinstance(obj, dict) or not isinstance(obj.get('path'), str) or
+        not isinstance(obj.get('labels'), list)):
+      problems.add(f'{path}:{line}', 'expected an object with "path" (a string) and "labels" '
+                   '(a list of class names or ids), e.g. {"path": "dir/image.jpg", "labels": '
+                   f'["cat", "dog"]}}; got {entry.strip()[:80]}')
+      continue
+    yield line, obj['path'].strip(), obj['labels']
 
 
 def _read_labels_file(path: str, sep: str, problems: _Problems) -> list[_Listed]:
@@ -403,17 +419,15 @@ def _read_labels_file(path: str, sep: str, problems: _Problems) -> list[_Listed]
                           '(path,labels) or .jsonl ({"path": ..., "labels": [...]}).')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'--labels_file {path!r} does not exist.')
-  rows = _csv_rows(path, sep, problems) if ext == '.csv' else _jsonl_rows(path, problems)
-  listed, line = [], 0
-  try:
-    for line, image, labels in rows:
-      where = f'{path}:{line}'
-      rel = _relative_image_path(image, where, problems)
-      if _labels_ok(labels, where, problems) and rel is not None:
-        listed.append(_Listed(where, rel, labels))
-  except (UnicodeDecodeError, csv.Error) as e:
-    problems.add(f'{path}:{line + 1}', f'cannot read the file ({type(e).__name__}: {e}); '
-                 'labels files must be UTF-8 text')
+  text = _read_text(path, problems)
+  rows = (_csv_rows(path, text, sep, problems) if ext == '.csv' else
+          _jsonl_rows(path, text, problems))
+  listed = []
+  for line, image, labels in rows:
+    where = f'{path}:{line}'
+    rel = _relative_image_path(image, where, problems)
+    if _labels_ok(labels, where, problems) and rel is not None:
+      listed.append(_Listed(where, rel, labels))
   return listed
 
 
@@ -469,8 +483,8 @@ def _labelled_folder_source(root: str, labels_spec: str, class_names_file: Optio
                           'field; use e.g. "|", ";" or " ".')
   problems = _Problems()
   class_names = _read_class_names(class_names_file, problems) if class_names_file else None
-  listed = {split: _read_labels_file(path, label_sep, problems)
-            for split, path in _split_files(labels_spec).items()}
+  files = _split_files(labels_spec)
+  listed = {split: _read_labels_file(path, label_sep, problems) for split, path in files.items()}
   first = {}  # normalised path -> where first listed
   for item in itertools.chain.from_iterable(listed.values()):
     if item.path in first:
@@ -495,8 +509,8 @@ def _labelled_folder_source(root: str, labels_spec: str, class_names_file: Optio
     num_bytes = sum(os.path.getsize(p) for p, _, _ in entries if os.path.isfile(p))
     splits[split] = _Split(len(entries), num_bytes, read)
   problems.raise_if_any()
-  files = ', '.join(f'{s}={p}' for s, p in _split_files(labels_spec).items())
-  return _Source(f'image folder {os.path.abspath(root)} with labels files {files}', class_names,
+  named = ', '.join(f'{s}={p}' for s, p in files.items())
+  return _Source(f'image folder {os.path.abspath(root)} with labels files {named}', class_names,
                  splits, multi_label=True)
 
 

@@ -242,6 +242,18 @@ def test_every_problem_listed_and_cli_exits_without_traceback(tmp_path, capsys):
   assert 'Traceback' not in capsys.readouterr().err
 
 
+def test_unreadable_labels_files_name_the_line(tmp_path):
+  _image_files(tmp_path / 'images', _IMAGES)
+  (tmp_path / 'latin1.csv').write_bytes('a.png,cat\nb.png,caf\xe9\n'.encode('latin-1'))
+  (tmp_path / 'quote.csv').write_text('a.png,cat\nb.png,"dog\n')
+  for name, fragment in (('latin1.csv', 'latin1.csv:2: not UTF-8 text'),
+                         ('quote.csv', 'quote.csv:2: malformed CSV')):
+    with pytest.raises(LabelsFileError, match=fragment):
+      prepare_data.prepare('folder', str(tmp_path / 'out'), input_dir=str(tmp_path / 'images'),
+                           labels_file=str(tmp_path / name), verbose=False)
+    assert not (tmp_path / 'out').exists()
+
+
 # ------------------------------------------------------------------------ tfds
 
 
