@@ -175,8 +175,9 @@ def test_det_train_step_memory_and_flops_match_closed_forms():
   # XLA's count adds the elementwise work, mostly on the [256, K/2] logits (multi-hot targets
   # from the padded label sets, sigmoid BCE and its gradient: ~90 FLOPs per logit here).
   assert closed <= costs['flops'] <= 1.25 * closed
-  # The HLO walker's own count (no loops here) agrees with XLA's.
-  assert loop_costs(compiled.as_text()).flops_all == pytest.approx(costs['flops'], rel=0.01)
+  # The HLO walker's own count (no loops here) agrees with XLA's to the few ops it does not
+  # model (scatter, reduce-window, ...).
+  assert loop_costs(compiled.as_text()).flops_all == pytest.approx(costs['flops'], rel=0.03)
   t = r['roofline']
   assert t['step_s'] == max(costs['flops'] / 275e12, costs['bytes_accessed'] / 1200e9)
 
