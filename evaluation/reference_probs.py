@@ -14,6 +14,7 @@ accuracy on the clean training labels).
 """
 import json
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,23 +29,18 @@ from evaluation.from_checkpoint import restore_checkpoint
 from heads.base import probabilities
 from input_pipeline.pipeline import device_batches
 from input_pipeline.sources import build_source
+from training.experiment import Experiment
 from training.mesh import batch_sharding
 from training.model import step_rngs
 
 
-def reference_probs(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, float]:
-  """(probabilities [N, K] float32 of the training split in source order, accuracy on its
-  clean labels)."""
-  exp, variables, _ = restore_checkpoint(config, workdir)
-  source, _ = build_source(config.dataset, config.dataset.train_split, config.seed, train=False)
-  model, link = exp.model, getattr(exp.model.head, 'link', 'softmax')
-
+def collect(exp: Experiment, variables: dict, source: Any, per_example: Callable) -> dict:
+  """One eval-mode pass of the model over `source` (eval preprocessing, padded batches):
+  `per_example(model, variables, images) -> {name: [B, ...]}` under jit, plus 'label'; returns
+  {name: array [N, ...]} in the source's order, padding removed."""
   def step(params, batch_stats, batch):
-    out = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
-                      train=False, rngs=step_rngs(jax.random.key(EVAL_SEED), 0))
-    probs = probabilities(link, out.logits).astype(jnp.float32)
-    return {'probs': probs / jnp.sum(probs, -1, keepdims=True), 'label': batch['label'],
-            'mask': batch['mask'], 'index': batch['index']}
+    out = per_example(exp.model, {'params': params, 'batch_stats': batch_stats}, batch['image'])
+    return {**out, 'label': batch['label'], 'mask': batch['mask'], 'index': batch['index']}
 
   step = jax.jit(step, in_shardings=(exp.shardings.params, exp.shardings.batch_stats,
                                      batch_sharding(exp.mesh)),
@@ -55,13 +51,30 @@ def reference_probs(config: ml_collections.ConfigDict, workdir: str) -> tuple[np
     for k, v in out.items():
       columns.setdefault(k, []).append(np.asarray(v))
   c = {k: np.concatenate(v) for k, v in columns.items()}
-  keep = c['mask'] > 0
-  order = np.argsort(c['index'][keep])
-  probs, labels = c['probs'][keep][order], c['label'][keep][order]
-  if labels.ndim != 1:
+  keep = c.pop('mask') > 0
+  order = np.argsort(c.pop('index')[keep])
+  return {k: v[keep][order] for k, v in c.items()}
+
+
+def class_probabilities(model: Any, variables: dict, images: jax.Array) -> dict:
+  """{'probs': [B, K] float32 rows summing to 1} (sigmoid heads normalised, as the evaluator
+  does; MC heads with the evaluator's fixed noise)."""
+  out = model.apply(variables, images, train=False,
+                    rngs=step_rngs(jax.random.key(EVAL_SEED), 0))
+  probs = probabilities(getattr(model.head, 'link', 'softmax'), out.logits).astype(jnp.float32)
+  return {'probs': probs / jnp.sum(probs, -1, keepdims=True)}
+
+
+def reference_probs(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, float]:
+  """(probabilities [N, K] float32 of the training split in source order, accuracy on its
+  clean labels)."""
+  exp, variables, _ = restore_checkpoint(config, workdir)
+  source, _ = build_source(config.dataset, config.dataset.train_split, config.seed, train=False)
+  c = collect(exp, variables, source, class_probabilities)
+  if c['label'].ndim != 1:
     raise ValueError('reference probabilities are for single-label data (label noise); this '
                      'dataset has label sets')
-  return probs, float(np.mean(probs.argmax(-1) == labels))
+  return c['probs'], float(np.mean(c['probs'].argmax(-1) == c['label']))
 
 
 def write_reference_probs(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict:
@@ -75,17 +88,16 @@ def write_reference_probs(config: ml_collections.ConfigDict, workdir: str, out: 
           'workdir': workdir}
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'config of the trained workdir',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'trained workdir (latest checkpoint)')
-_OUT = flags.DEFINE_string('out', None, '.npy file to write')
-
-
 def main(argv):
   del argv
-  print(json.dumps(write_reference_probs(_CONFIG.value, _WORKDIR.value, _OUT.value)), flush=True)
+  flags_ = flags.FLAGS
+  print(json.dumps(write_reference_probs(flags_.config, flags_.workdir, flags_.out)), flush=True)
 
 
 if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'config of the trained workdir',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'trained workdir (latest checkpoint)')
+  flags.DEFINE_string('out', None, '.npy file to write')
   flags.mark_flags_as_required(['config', 'workdir', 'out'])
   app.run(main)
