@@ -103,13 +103,12 @@ def _per_process(global_batch: int) -> int:
 
 
 def _finish(batches: grain.MapDataset, num_workers: int) -> grain.IterDataset:
-  """Reads whole batches in threads, or in `num_workers` mp_prefetch processes: worker w builds
-  batches w, w + W, ... and grain interleaves them back in order, so the batches do not depend
-  on the worker count (grain slices the dataset for its workers *after* all MapDataset
-  transformations, so batching must be one of them)."""
-  threads = 2 if num_workers else 4
-  it = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                 prefetch_buffer_size=threads))
+  """Builds whole batches in 4 threads (up to 4 batches ahead), in this process or in each of
+  `num_workers` mp_prefetch processes: worker w builds batches w, w + W, ... and grain
+  interleaves them back in order, so the batches do not depend on the worker count (grain
+  slices the dataset for its workers *after* all MapDataset transformations, so batching must
+  be one of them)."""
+  it = batches.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
   if num_workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it
