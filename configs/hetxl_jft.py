@@ -4,7 +4,8 @@ Published settings (uncertainty-baselines' JFT HET-XL configs / the HET-XL paper
 targets (each JFT image carries a set of labels), binary cross-entropy summed over classes,
 R = 50 factors, parameter-efficient, S = 1000 MC samples in training and eval, temperature
 learnt in [0.05, 5.0], head bias -10, AdamW lr 6e-4 with 10k linear warmup then linear decay to
-1e-5, decoupled weight decay 0.1, clip 1.0, batch 4096, 224 px inception crop. Extra head
+1e-5, decoupled weight decay 0.1 on every parameter (the temperature included:
+`optimizer.decay_all=True`; set it False to spare biases, norm scales and tau), clip 1.0, batch 4096, 224 px inception crop. Extra head
 parameters: D(2D+R+3) = 2,151,424 for D = 1024, against K(2D+R+3) = 62,174,893 for the HET
 baseline (K/D = 28.9 with ViT-L's D = 1024).
 
@@ -43,6 +44,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c.dataset.max_labels = 32
   c.optimizer.schedule = 'linear'
   c.optimizer.end_learning_rate = 1e-5
+  c.optimizer.decay_all = True   # parity: the published runs decay every parameter, tau included
   if 'det' in args:
     base.det_head(c, link='sigmoid', bias_init=-10.0)
   else:
