@@ -229,6 +229,12 @@ class Checkpointer:
     changed = ('\nConfig fields that differ from the run that wrote it:\n  ' +
                '\n  '.join(changes[:12]) + ('\n  ...' if len(changes) > 12 else '')
                if changes else '')
+    if saved_config is None:
+      changed = ('\nThe checkpoint does not record the config that wrote it (written by an '
+                 'older version of this project, whose code may also have built another '
+                 'optimizer state).')
+    elif self._config is not None and not changes:
+      changed = '\nThe config is unchanged: the code that builds the optimizer state changed.'
     keys = ', '.join(repr(k) for k in getattr(abstract_state, 'params', {}))
     fresh = (f'or start a new --workdir with --config.train.init_from={self._workdir} '
              f'--config.train.init_prefixes="({keys},)" to keep only the trained parameters.')
