@@ -1,24 +1,36 @@
-"""Speed and memory of one training step (fwd + bwd) of the DET, naive HET-XL and HET-XL heads.
+"""Speed and memory of one training step (fwd + bwd) of the DET, naive, MC and quadrature heads.
 
-Each head is timed as `jax.jit(jax.value_and_grad(mean loss, argnums=(params, x)))`:
+Each head is compiled as `jax.jit(jax.value_and_grad(mean loss, argnums=(params, x)))` and
+reported side by side, one table per link:
+
+softmax link (`--link softmax` or `both`):
   * det: `heads.softmax.SoftmaxHead`, the deterministic baseline;
   * naive: edward2-style HET-XL written out here: noise [B, S, D] with edward2's one scalar
-    normal per sample on the diagonal, all [B, S, K] f32 logits materialised, softmax, mean
-    over samples, clip at 1e-7, log, cross-entropy;
-  * hetxl: this project's `HETXLHead` (`diag_noise='independent'`, the paper's math), chunked
-    over samples with `--chunk`, sample projection in `--dtype` with f32 accumulation;
-  * hetxl-rank1: `HETXLHead(diag_noise='rank1')`, the exact factorised path, cost
-    B*K*(R+1)*(D+S) instead of B*S*D*K. The naive head is fed the same draws (made outside
-    its step), so its loss must equal this one unless the 1e-7 clip is active.
+    normal per sample on the diagonal, all [B, S, K] f32 logits materialised, softmax, mean over
+    samples, clip at 1e-7, log, cross-entropy;
+  * mc c=N: this project's `HETXLHead` (`diag_noise='independent'`, the paper's math), the
+    rematerialised scan over sample chunks of size N (one row per `--chunks` entry);
+  * rank1: `HETXLHead(diag_noise='rank1')`, the exact factorised path, B*K*(R+1)*(D+S). The
+    naive head is fed its draws, so the two losses agree unless the 1e-7 clip is active.
+sigmoid link (`--link sigmoid` or `both`):
+  * det, naive (as above with sigmoid, mean probability, clip, BCE summed over classes),
+    mc c=N (`mc_method='mc'`), and quad: `mc_method='quadrature'` with `--nodes` nodes, the
+    S -> infinity limit of mc (its loss differs from mc's by MC noise and Jensen bias only;
+    naive's differs more, as it uses edward2's rank-1 diagonal noise).
 
-Columns: ms per step (median of `--repeats`), TFLOP/s of the nominal sample projection
-(2*B*S*D*K flops over the whole fwd+bwd step time, so a lower bound on the matmul rate; for
-rank1 an "effective" rate, since it does not do that matmul), XLA's compiled temporary memory
-(`memory_analysis().temp_size_in_bytes`), the loss, and time / memory relative to naive.
+Columns: ms per step (median of `--repeats`; '-' for rows not in `--time_rows` or under
+`--compile_only`); XLA's compiled temporaries (`memory_analysis().temp_size_in_bytes`); GFLOP
+and GB accessed from `cost_analysis()`; the loss; ratios to naive and to the first mc row. XLA's
+cost analysis counts a while-loop body once, so for mc / rank1 rows FLOPs and bytes come from the
+same head compiled unchunked (`mc_chunk_size=None`: same math, no loop; its bytes are those of
+the materialised program, an upper bound for the chunked one). Temporaries always come from the
+program that is timed.
 
-Defaults fit a 2-core CPU in about a minute. GPU-sized run (JFT-4B class count, as in the paper):
-  python benchmarks/head_speed.py --B 16 --D 1024 --K 29593 --R 50 --S 1000 --chunk 100 \
-      --dtype bfloat16 --repeats 10
+Defaults fit a 2-core CPU in a few minutes. `--jft` sets the JFT-4B sizes of the paper's HET-XL
+run (B=16 per device, D=1024, K=29,593, R=50, S=1000, PE); with `--compile_only` it prints
+temporaries and FLOPs without running anything:
+  python benchmarks/head_speed.py --jft --compile_only
+  python benchmarks/head_speed.py --jft --link sigmoid --time_rows det,quad,mc
 """
 import argparse
 import os
@@ -37,14 +49,15 @@ from heads.softmax import SoftmaxHead  # noqa: E402
 from hetxl import HETXLHead  # noqa: E402
 
 RNGS = {'standard_norm_noise_samples': jax.random.key(1), 'diag_noise_samples': jax.random.key(2)}
+JFT = dict(B=16, D=1024, K=29593, R=50, S=1000, pe=True)
 
 
-def naive_hetxl_loss(params, x, labels, eps_r, z, pe: bool, tau: float = 1.0):
+def naive_hetxl_loss(params, x, labels, eps_r, z, pe: bool, link: str, tau: float = 1.0):
   """Reference-style HET-XL: materialises [B, S, D] noise and [B, S, K] f32 logits.
 
   `eps_r` [B, S, R] and `z` [B, S, 1] are the standard normals (edward2's diagonal noise is one
-  scalar per sample); passing the draws of `HETXLHead(diag_noise='rank1')` makes the two losses
-  agree wherever the 1e-7 clipping is inactive.
+  scalar per sample); with the draws of `HETXLHead(diag_noise='rank1')` the softmax losses agree
+  wherever the 1e-7 clipping is inactive.
   """
   batch, dim = x.shape
   lin = lambda name, inp: inp @ params[name]['kernel'] + params[name]['bias']
@@ -55,23 +68,65 @@ def naive_hetxl_loss(params, x, labels, eps_r, z, pe: bool, tau: float = 1.0):
     noise = jnp.einsum('bdr,bsr->bsd', scale, eps_r)
   diag = jax.nn.softplus(lin('diag_layer', x)) + 1e-3
   logits = lin('loc_layer', x[:, None] + noise + diag[:, None] * z) / tau     # [B, S, K] f32
-  probs = jnp.clip(jax.nn.softmax(logits).mean(1), 1e-7)
-  targets = jax.nn.one_hot(labels, probs.shape[-1])
-  return optax.softmax_cross_entropy(jnp.log(probs), targets).mean()
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if link == 'softmax':
+    probs = jnp.clip(jax.nn.softmax(logits).mean(1), 1e-7)
+    return optax.softmax_cross_entropy(jnp.log(probs), targets).mean()
+  probs = jnp.clip(jax.nn.sigmoid(logits).mean(1), 1e-7, 1 - 1e-7)
+  return optax.sigmoid_binary_cross_entropy(jnp.log(probs) - jnp.log1p(-probs),
+                                            targets).sum(-1).mean()
 
 
-def bench(name, loss_fn, params, x, repeats):
-  step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
-  compiled = step.lower(params, x).compile()
+def compiled_costs(compiled):
   mem = compiled.memory_analysis()
   temp = getattr(mem, 'temp_size_in_bytes', float('nan')) if mem is not None else float('nan')
-  jax.block_until_ready(compiled(params, x))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    loss, _ = jax.block_until_ready(compiled(params, x))
-    times.append(time.perf_counter() - t0)
-  return dict(name=name, ms=1e3 * statistics.median(times), temp=temp, loss=float(loss))
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return temp, cost.get('flops', float('nan')), cost.get('bytes accessed', float('nan'))
+
+
+def bench(name, loss_fn, abstract, make_args, repeats, cost_fn=None):
+  """Compiles value_and_grad of `loss_fn(params, x, *rest)` for the `abstract` argument shapes;
+  times it on `make_args()` unless that is None."""
+  step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+  compiled = step.lower(*abstract).compile()
+  temp, flops, nbytes = compiled_costs(compiled)
+  if cost_fn is not None:   # the unchunked program, for loop-free FLOP / byte counts
+    _, flops, nbytes = compiled_costs(
+        jax.jit(jax.value_and_grad(cost_fn, argnums=(0, 1))).lower(*abstract).compile())
+  row = dict(name=name, ms=float('nan'), temp=temp, flops=flops, bytes=nbytes,
+             loss=float('nan'))
+  if make_args is not None:
+    args = make_args()
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      loss, _ = jax.block_until_ready(compiled(*args))
+      times.append(time.perf_counter() - t0)
+    row.update(ms=1e3 * statistics.median(times), loss=float(loss))
+  print(f"  {name}: temp {temp / 2**20:.1f} MiB, {flops / 1e9:.2f} GFLOP"
+        + (f", {row['ms']:.1f} ms" if make_args else ''), file=sys.stderr, flush=True)
+  return row
+
+
+def fmt(v, spec):
+  return '-' if v != v else format(v, spec)   # NaN -> '-'
+
+
+def print_table(title, rows):
+  naive = next(r for r in rows if r['name'] == 'naive')
+  mc = next((r for r in rows if r['name'].startswith('mc')), None)
+  print(f'\n{title}\n')
+  print('| head | ms/step | temp MiB | GFLOP | GB accessed | loss | time vs naive | temp vs naive '
+        '| FLOP vs naive | time vs mc | temp vs mc |')
+  print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+  for r in rows:
+    ratio = lambda key, ref: fmt(r[key] / ref[key] if ref else float('nan'), '.3f') + 'x'
+    print(f"| {r['name']} | {fmt(r['ms'], '.1f')} | {r['temp'] / 2**20:.1f} | "
+          f"{r['flops'] / 1e9:.2f} | {r['bytes'] / 1e9:.3f} | {fmt(r['loss'], '.4f')} | "
+          f"{ratio('ms', naive)} | {ratio('temp', naive)} | {ratio('flops', naive)} | "
+          f"{ratio('ms', mc)} | {ratio('temp', mc)} |")
 
 
 def main(argv=None):
@@ -80,49 +135,82 @@ def main(argv=None):
   p.add_argument('--D', type=int, default=256)
   p.add_argument('--K', type=int, default=4096)
   p.add_argument('--R', type=int, default=16)
-  p.add_argument('--S', type=int, default=64)
-  p.add_argument('--chunk', type=int, default=16)
+  p.add_argument('--S', type=int, default=256)
+  p.add_argument('--chunks', default='32', help='comma-separated mc chunk sizes, one row each')
+  p.add_argument('--nodes', type=int, default=32, help='quadrature nodes')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--pe', action='store_true', help='parameter-efficient variant')
+  p.add_argument('--link', default='both', choices=['softmax', 'sigmoid', 'both'])
+  p.add_argument('--jft', action='store_true', help='B=16 D=1024 K=29593 R=50 S=1000, PE')
+  p.add_argument('--compile_only', action='store_true', help='temporaries and FLOPs only')
+  p.add_argument('--time_rows', default='all',
+                 help="rows to time: 'all' or a comma-separated subset of "
+                      "det,naive,mc,rank1,quad (the rest are compiled only)")
   a = p.parse_args(argv)
+  if a.jft:
+    for key, value in JFT.items():
+      setattr(a, key, value)
+  chunks = [int(c) for c in a.chunks.split(',')]
+  timed_keys = set() if a.compile_only else (
+      {'det', 'naive', 'mc', 'rank1', 'quad'} if a.time_rows == 'all'
+      else set(a.time_rows.split(',')))
 
   x = jax.random.normal(jax.random.key(0), (a.B, a.D))
   labels = jax.random.randint(jax.random.key(3), (a.B,), 0, a.K)
   kw = dict(num_classes=a.K, num_factors=a.R, parameter_efficient=a.pe, train_mc_samples=a.S,
-            mc_chunk_size=a.chunk, compute_dtype=jnp.dtype(a.dtype))
-  ours = HETXLHead(**kw)
-  params = nn.meta.unbox(ours.clone(return_locs=True).init(
-      {'params': jax.random.key(4)}, x)['params'])
-  det = SoftmaxHead(num_classes=a.K)
-  det_params = {'loc_layer': params['loc_layer']}
+            compute_dtype=jnp.dtype(a.dtype))
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(HETXLHead(**kw, return_locs=True).init(
+      {'params': jax.random.key(4)}, x)['params']))
 
-  rank1 = ours.clone(diag_noise='rank1')
-  noise = rank1.apply({'params': params}, x, train=True, rngs=RNGS, method=rank1.draw_noise)
+  def make_params():
+    return nn.meta.unbox(HETXLHead(**kw, return_locs=True).init(
+        {'params': jax.random.key(4)}, x)['params'])
+
+  def noise_shapes():
+    return {'eps_r': jax.ShapeDtypeStruct((a.B, a.S, a.R), jnp.float32),
+            'eps_diag': jax.ShapeDtypeStruct((a.B, a.S, 1), jnp.float32)}
+
+  def draws(params):
+    rank1 = HETXLHead(**kw, diag_noise='rank1')
+    return rank1.apply({'params': params}, x, train=True, rngs=RNGS, method=rank1.draw_noise)
+
+  print(f'B={a.B} D={a.D} K={a.K} R={a.R} S={a.S} chunks={chunks} nodes={a.nodes} '
+        f'dtype={a.dtype} pe={a.pe} device={jax.devices()[0].device_kind} '
+        f'cpus={os.cpu_count()}', flush=True)
 
   def head_loss(head):
     return lambda p, x: head.apply({'params': p}, x, labels, train=True, rngs=RNGS).loss.mean()
 
-  def naive_loss(p, x):
-    return naive_hetxl_loss(p, x, labels, noise['eps_r'], noise['eps_diag'], a.pe)
+  def run(key, name, fn, cost_fn=None, with_noise=False):
+    abstract = (shapes, x) + ((noise_shapes(),) if with_noise else ())
+    def make_args():
+      params = make_params()
+      return (params, x) + ((draws(params),) if with_noise else ())
+    return bench(name, fn, abstract, make_args if key in timed_keys else None, a.repeats,
+                 cost_fn)
 
-  rows = [
-      bench('det', head_loss(det), det_params, x, a.repeats),
-      bench('naive HET-XL', naive_loss, params, x, a.repeats),
-      bench('HET-XL (independent)', head_loss(ours), params, x, a.repeats),
-      bench('HET-XL (rank1, factorised)', head_loss(rank1), params, x,
-            a.repeats),
-  ]
-  flops = 2 * a.B * a.S * a.D * a.K
-  naive = rows[1]
-  print(f'B={a.B} D={a.D} K={a.K} R={a.R} S={a.S} chunk={a.chunk} dtype={a.dtype} '
-        f'pe={a.pe} device={jax.devices()[0].device_kind}\n')
-  print('| head | ms/step | TFLOP/s (proj) | temp MiB | loss | time vs naive | temp vs naive |')
-  print('|---|---:|---:|---:|---:|---:|---:|')
-  for r in rows:
-    tflops = '-' if r['name'] == 'det' else f"{flops / (r['ms'] * 1e-3) / 1e12:.3f}"
-    print(f"| {r['name']} | {r['ms']:.2f} | {tflops} | {r['temp'] / 2**20:.1f} | "
-          f"{r['loss']:.4f} | {r['ms'] / naive['ms']:.2f}x | {r['temp'] / naive['temp']:.2f}x |")
+  for link in (['softmax', 'sigmoid'] if a.link == 'both' else [a.link]):
+    print(f'\n== link={link}', file=sys.stderr)
+    det = SoftmaxHead(num_classes=a.K, link=link)
+    det_loss = lambda p, x: det.apply({'params': {'loc_layer': p['loc_layer']}}, x,
+                                      labels).loss.mean()
+    rows = [run('det', 'det', det_loss),
+            run('naive', 'naive',
+                lambda p, x, n: naive_hetxl_loss(p, x, labels, n['eps_r'], n['eps_diag'],
+                                                 a.pe, link), with_noise=True)]
+    mc_head = HETXLHead(**kw, link=link)
+    for chunk in chunks:
+      rows.append(run('mc', f'mc c={chunk}', head_loss(mc_head.clone(mc_chunk_size=chunk)),
+                      cost_fn=head_loss(mc_head.clone(mc_chunk_size=None))))
+    if link == 'softmax':
+      rank1 = mc_head.clone(diag_noise='rank1', mc_chunk_size=chunks[0])
+      rows.append(run('rank1', f'rank1 c={chunks[0]}', head_loss(rank1),
+                      cost_fn=head_loss(rank1.clone(mc_chunk_size=None))))
+    else:
+      quad = mc_head.clone(mc_method='quadrature', quadrature_nodes=a.nodes)
+      rows.append(run('quad', f'quad n={a.nodes}', head_loss(quad)))
+    print_table(f'link={link}', rows)
 
 
 if __name__ == '__main__':
