@@ -31,6 +31,8 @@ run (B=16 per device, D=1024, K=29,593, R=50, S=1000, PE); with `--compile_only`
 temporaries and FLOPs without running anything:
   python benchmarks/head_speed.py --jft --compile_only
   python benchmarks/head_speed.py --jft --link sigmoid --time_rows det,quad,mc
+`--accuracy 16,24,32` prints the quadrature rule's error against scipy's adaptive integration
+instead (the measurement behind the default `quadrature_nodes=32`).
 """
 import argparse
 import os
@@ -129,6 +131,41 @@ def print_table(title, rows):
           f"{ratio('ms', mc)} | {ratio('temp', mc)} |")
 
 
+def exact_log_p(z: float, r: float) -> float:
+  """log E[sigmoid(u)], u ~ N(z, r^2), by scipy's adaptive quadrature in float64 over the region
+  carrying the integrand's mass (around z and the tilted mode z + r^2, clipped at 0)."""
+  import numpy as np
+  from scipy import integrate
+  def f(u):
+    return np.exp(-np.logaddexp(0.0, -u) - (u - z) ** 2 / (2 * r * r)) / (r * np.sqrt(2 * np.pi))
+  c = min(z + r * r, 0.0) if z < 0 else max(z - r * r, 0.0)
+  lo, hi = min(z, c) - 14 * r, max(z, c) + 14 * r
+  points = sorted({p for p in (0.0, c, z) if lo < p < hi})
+  value, _ = integrate.quad(f, lo, hi, points=points, limit=2000, epsabs=0, epsrel=1e-12)
+  return float(np.log(value))
+
+
+def accuracy_table(node_counts):
+  """Max error of `hetxl.quadrature` (float32) against float64 adaptive integration, on a grid
+  z = m / tau in +-[0.01, 300] (40 values), r = s / tau in [1e-3, 300] (30 values)."""
+  import numpy as np
+  from hetxl.quadrature import sigmoid_log_marginals
+  zs = np.concatenate([-np.geomspace(0.01, 300, 20), np.geomspace(0.01, 300, 20)])
+  z, r = np.meshgrid(zs, np.geomspace(1e-3, 300, 30))
+  want = np.vectorize(exact_log_p)(z, r), np.vectorize(exact_log_p)(-z, r)
+  low = np.minimum(*want)
+  print('\nquadrature accuracy: max |error| of log p and log(1 - p) against float64 adaptive '
+        'integration\n')
+  print('| nodes | where log p, log(1-p) > -40 | > -100 | relative, all cells |')
+  print('|---:|---:|---:|---:|')
+  for n in node_counts:
+    got = jax.jit(lambda m, v: sigmoid_log_marginals(m, v, 1.0, n))(
+        jnp.asarray(z, jnp.float32), jnp.asarray(r * r, jnp.float32))
+    err = np.maximum(*(np.abs(np.asarray(g, np.float64) - w) for g, w in zip(got, want)))
+    print(f'| {n} | {err[low > -40].max():.1e} | {err[low > -100].max():.1e} | '
+          f'{(err / np.maximum(1, np.abs(low))).max():.1e} |')
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--B', type=int, default=16)
@@ -147,7 +184,12 @@ def main(argv=None):
   p.add_argument('--time_rows', default='all',
                  help="rows to time: 'all' or a comma-separated subset of "
                       "det,naive,mc,rank1,quad (the rest are compiled only)")
+  p.add_argument('--accuracy', default='',
+                 help='comma-separated node counts: print the quadrature accuracy table only')
   a = p.parse_args(argv)
+  if a.accuracy:
+    accuracy_table([int(n) for n in a.accuracy.split(',')])
+    return
   if a.jft:
     for key, value in JFT.items():
       setattr(a, key, value)

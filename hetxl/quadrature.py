@@ -8,10 +8,10 @@ units z = m / tau, r = s / tau it is computed in log space by one of two exact r
   * Gauss-Hermite (n nodes x_i, weights w_i; numpy.polynomial.hermite.hermgauss):
       log p = logsumexp_i(log w_i - log(pi) / 2 + log_sigmoid(z + sqrt(2) r x_i)).
     The integrand is analytic in a strip of half-width pi / (sqrt(2) r) only, so this converges
-    fast for small r (r <= 2: |error| <= 2e-7 in log p at n = 32) and badly once the Gaussian is
-    wide against the sigmoid's step (r = 10: errors near 1e-2, whatever the node count up to
-    ~100s). It also stays accurate far in the tail (|z| >= 4 r^2), where the sigmoid is an
-    exponential over all of the Gaussian's mass.
+    fast for small r (r <= 2: |error| <= 2e-7 in log p at n = 32, float64) and badly once the
+    Gaussian is wide against the sigmoid's step (r = 10: errors of 1e-2 at n = 32). It also
+    stays accurate far in the tail (|z| >= 4 r^2), where the sigmoid is an exponential over
+    all of the Gaussian's mass.
   * the step split, for r > 2 (exact identity, our own derivation): with a = -|z| <= 0, the
     probability of the smaller side is
       q = Phi(a / r) + int_0^inf sigmoid(-t) [N(-t; a, r^2) - N(t; a, r^2)] dt,
@@ -19,10 +19,12 @@ units z = m / tau, r = s / tau it is computed in log space by one of two exact r
     r and decays like e^-t, taken by Gauss-Laguerre (numpy.polynomial.laguerre.laggauss). Every
     term is >= 0, so log q is a logsumexp; the larger side is log(1 - q) with q <= 1/2.
 
-`select` picks Gauss-Hermite where r <= 2 or |z| >= 4 r^2 and the split elsewhere. Measured
-against adaptive quadrature in float64 (benchmarks/head_speed.py --accuracy), at 32 nodes the
-error in log p and log(1 - p) is below 1e-6 except where both rules lose accuracy together:
-r around 5-15 with log p below about -40 (p < 1e-17), which no float32 loss can see.
+`use_hermite` picks Gauss-Hermite where r <= 2 or |z| >= 4 r^2 and the split elsewhere.
+Measured against float64 adaptive integration (`benchmarks/head_speed.py --accuracy 16,24,32`,
+BENCHMARKS.md), at the default 32 nodes the float32 error in log p and log(1 - p) is <= 2e-5
+wherever both are above -100, i.e. float32 rounding; 24 nodes give 2e-3 and 16 nodes 3 there.
+Only where both rules lose accuracy together, r around 5-15 with log p below -100 (p < 1e-43,
+no float32 probability), can the relative error reach ~0.25 at 32 nodes.
 
 Memory and cost: the nodes are a loop (lax.scan) of elementwise [B, K] operations with running
 logsumexps, and a custom JVP computes d/dz and d/dr in the same loop (forward mode), so no
