@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from scipy import integrate, special
 
 from hetxl import HETHead, HETXLHead
@@ -225,3 +227,43 @@ def test_options_and_param_tree():
     with pytest.raises(ValueError, match=message):
       jax.eval_shape(lambda: HETXLHead(num_classes=K, num_factors=R, **kwargs).init(
           {'params': jax.random.key(0)}, x))
+
+
+def test_sharded_matches_unsharded():
+  """Quadrature on a (data=4, model=2) mesh of fake CPU devices, K sharded over 'model', learnt
+  temperature: loss, logits and gradients equal the single-device ones."""
+  if len(jax.devices()) < 8:
+    pytest.skip('needs 8 (fake) devices')
+  batch, dim, k = 8, 8, 16
+  heads = [cls(num_classes=k, num_factors=R, parameter_efficient=pe, link='sigmoid',
+               learn_temperature=True, mc_method='quadrature')
+           for cls in (HETHead, HETXLHead) for pe in (False, True)]
+  x = features(batch=batch, dim=dim)
+  labels = jnp.arange(batch) % k
+  boxed = [jax.eval_shape(lambda h=h: h.clone(return_locs=True).init(
+      {'params': jax.random.key(0)}, x))['params'] for h in heads]
+  all_params = [init_params(head, x) for head in heads]
+
+  def step(all_params, x, labels):
+    out = []
+    for head, params in zip(heads, all_params):
+      def loss(params, x):
+        out = apply(head, params, x, labels, train=True)
+        return out.loss.mean(), out.logits
+      out.append(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x))
+    return out
+
+  ref = jit(step)(all_params, x, labels)
+  mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
+                           all_params, nn.get_partition_spec(boxed))
+    xs = jax.device_put(x, NamedSharding(mesh, P('data', None)))
+    ys = jax.device_put(labels, NamedSharding(mesh, P('data')))
+    got = jit(step)(sharded, xs, ys)
+  for ((value, logits), grads), ((ref_value, ref_logits), ref_grads) in zip(got, ref):
+    assert logits.sharding.spec == P('data', 'model')
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 grads, ref_grads)
