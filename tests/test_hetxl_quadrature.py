@@ -49,7 +49,7 @@ def test_rule_matches_adaptive_integration():
     np.testing.assert_allclose(np.asarray(g, np.float64), want, atol=2e-5, rtol=2e-6)
 
 
-def test_fewer_nodes_is_worse_where_hermite_fails():
+def test_plain_hermite_fails_where_the_split_is_used():
   """The rule choice matters: plain Gauss-Hermite at r = 10 is off by > 1e-3, the chosen rule
   is not (so the split is what makes wide marginals accurate)."""
   z, r = -2.0, 10.0
