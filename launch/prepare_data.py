@@ -544,11 +544,10 @@ def mosaic_plan(members: list[np.ndarray], seed: int, split: str,
 
 
 def _mosaic(npz: _Npz, tiles: np.ndarray) -> bytes:
-  """The 2x2 grid of the given source images (decoded as RGB), as PNG."""
-  images = []
-  for t in tiles:
-    with Image.open(io.BytesIO(npz.blob[npz.offsets[t]:npz.offsets[t + 1]].tobytes())) as im:
-      images.append(np.asarray(im.convert('RGB')))
+  """The 2x2 grid of the given source images (decoded as RGB by `image_ops.decode`, as the
+  trainer decodes them: 16-bit and EXIF-rotated images right too), as PNG."""
+  images = [image_ops.decode(npz.blob[npz.offsets[t]:npz.offsets[t + 1]].tobytes(), channels=3)
+            for t in tiles]
   shapes = {a.shape for a in images}
   if len(shapes) != 1:
     raise ValueError(f'tiles of different sizes {sorted(shapes)}; a mosaic needs one tile size')
