@@ -191,28 +191,33 @@ def train_all(a: types.SimpleNamespace) -> list:
 
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'extract: config[:args] of --workdir')
-flags.DEFINE_enum('mode', None, ['extract', 'train'], 'extract features, or train heads on them')
-flags.DEFINE_string('workdir', None, 'extract: trained workdir (latest checkpoint)')
-flags.DEFINE_string('features', None, 'extract: .npz to write; train: .npz to read')
-flags.DEFINE_string('heads', 'det,het,hetxl', 'train: heads (configs.base.comparison_head)')
-flags.DEFINE_string('noise', '0,0.2,0.4', 'train: fractions of training labels flipped')
-flags.DEFINE_string('kinds', 'symmetric,class_dependent,input_dependent', 'train: noise kinds')
-flags.DEFINE_integer('seeds', 5, 'train: seeds per cell')
-flags.DEFINE_integer('epochs', 10, 'train: epochs over the training features')
-flags.DEFINE_integer('batch', 128, 'train: batch size')
-flags.DEFINE_float('lr', 1e-3, 'train: Adam learning rate (warmup + cosine)')
-flags.DEFINE_integer('factors', 6, 'train: R of het / hetxl')
-flags.DEFINE_integer('samples', 100, 'train: training MC samples of het / hetxl')
-flags.DEFINE_string('out', '', 'train: JSON lines file, one line per run (appended)')
+
+
+def _define_flags() -> None:
+  """Defined only when the command runs, so tests can import this module beside other
+  modules that define --config."""
+  config_flags.DEFINE_config_file('config', None, 'extract: config[:args] of --workdir')
+  flags.DEFINE_enum('mode', None, ['extract', 'train'], 'extract features, or train heads on them')
+  flags.DEFINE_string('workdir', None, 'extract: trained workdir (latest checkpoint)')
+  flags.DEFINE_string('features', None, 'extract: .npz to write; train: .npz to read')
+  flags.DEFINE_string('heads', 'det,het,hetxl', 'train: heads (configs.base.comparison_head)')
+  flags.DEFINE_string('noise', '0,0.2,0.4', 'train: fractions of training labels flipped')
+  flags.DEFINE_string('kinds', 'symmetric,class_dependent,input_dependent', 'train: noise kinds')
+  flags.DEFINE_integer('seeds', 5, 'train: seeds per cell')
+  flags.DEFINE_integer('epochs', 10, 'train: epochs over the training features')
+  flags.DEFINE_integer('batch', 128, 'train: batch size')
+  flags.DEFINE_float('lr', 1e-3, 'train: Adam learning rate (warmup + cosine)')
+  flags.DEFINE_integer('factors', 6, 'train: R of het / hetxl')
+  flags.DEFINE_integer('samples', 100, 'train: training MC samples of het / hetxl')
+  flags.DEFINE_string('out', '', 'train: JSON lines file, one line per run (appended)')
 
 
 def main(argv) -> None:
   del argv
   if FLAGS.mode == 'extract':
-    if not (_CONFIG.value and FLAGS.workdir and FLAGS.features):
+    if not (FLAGS.config and FLAGS.workdir and FLAGS.features):
       raise app.UsageError('--mode=extract needs --config, --workdir and --features')
-    print(json.dumps(extract(_CONFIG.value, FLAGS.workdir, FLAGS.features)), flush=True)
+    print(json.dumps(extract(FLAGS.config, FLAGS.workdir, FLAGS.features)), flush=True)
   else:
     if not FLAGS.features:
       raise app.UsageError('--mode=train needs --features (written by --mode=extract)')
@@ -222,5 +227,6 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flag_as_required('mode')
   app.run(main)

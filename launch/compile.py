@@ -212,28 +212,33 @@ def format_report(r: Dict[str, Any]) -> str:
   ])
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:args]',
-                                          lock_config=True)
-_TOPOLOGY_FLAG = flags.DEFINE_string('topology', None, 'TPU topology, e.g. v4:4x4x4, v5e:16x16')
-_JSON = flags.DEFINE_string('json', None, 'also write the numbers to this JSON file')
-flags.mark_flags_as_required(['config', 'topology'])
+def _define_flags() -> None:
+  """Flags of the command, defined only when it runs (so tests can import this module beside
+  other modules that define --config)."""
+  config_flags.DEFINE_config_file('config', None, 'experiment config file[:args]',
+                                  lock_config=True)
+  flags.DEFINE_string('topology', None, 'TPU topology, e.g. v4:4x4x4, v5e:16x16')
+  flags.DEFINE_string('json', None, 'also write the numbers to this JSON file')
+  flags.mark_flags_as_required(['config', 'topology'])
 
 
 def main(argv):
   del argv
   import jax
   jax.config.update('jax_platforms', 'cpu')   # the TPU is only a compile target here
+  f = flags.FLAGS
   try:
     require_libtpu()
-    report = compile_train_step(_CONFIG.value, _TOPOLOGY_FLAG.value)
+    report = compile_train_step(f.config, f.topology)
   except (LibtpuMissingError, ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   print(format_report(report), flush=True)
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(report, f, indent=1)
-    print(f'wrote {_JSON.value}', flush=True)
+  if f.json:
+    with open(f.json, 'w') as out:
+      json.dump(report, out, indent=1)
+    print(f'wrote {f.json}', flush=True)
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
