@@ -13,6 +13,18 @@ def load_config(path: str, arg: str | None = None):
   return module.get_config(arg)
 
 
+def load_benchmark(name: str):
+  """benchmarks/NAME.py as a module, loaded by path. benchmarks/ never goes on sys.path: its
+  input_pipeline.py would shadow the package of that name, also in grain's worker processes."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'benchmarks',
+                                                                   f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
 def run_module(module: str, *args: str, devices: int = 1, timeout: int = 300,
                check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
   """Runs `python -m MODULE ARGS` with `devices` fake CPU devices."""

@@ -9,10 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, last_json, load_config, run_main, run_module
+from tests.helpers import ROOT, last_json, load_benchmark, load_config, run_main, run_module
 
-sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-import frozen_features  # noqa: E402
+frozen_features = load_benchmark('frozen_features')
 
 
 def _args(**kw):

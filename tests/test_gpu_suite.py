@@ -8,10 +8,9 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, load_benchmark
 
-sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-import gpu_suite  # noqa: E402
+gpu_suite = load_benchmark('gpu_suite')
 
 PY = sys.executable
 

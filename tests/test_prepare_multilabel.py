@@ -452,6 +452,7 @@ def test_train_and_eval_on_a_prepared_multilabel_folder(tmp_path):
   c.dataset.image_size = 8
   c.input.train_augment, c.input.batch_size, c.input.eval_batch_size = 'none', 8, 8
   c.train.num_steps, c.train.async_checkpointing = 2, False
+  c.model.backbone, c.model.backbone_kwargs = 'convnet', type(c.model.backbone_kwargs)()  # fast
   result = train_and_evaluate(c, str(tmp_path / 'work'))
   assert result['num_examples'] == 10
   assert result['num_labelled'] == 10 - meta['splits']['test']['num_unlabelled']
