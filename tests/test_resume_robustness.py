@@ -5,7 +5,6 @@ skipped with a warning by every reader; training batches and the data position d
 on the worker count or batch size; an optimizer change that alters the state stops with the
 project's own error naming the config fields that changed.
 """
-import json
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ from absl import flags
 from evaluation.from_checkpoint import evaluate_checkpoint
 from input_pipeline import pipeline
 from input_pipeline.sources import ArraySource
-from tests.helpers import load_config
+from tests.test_train_eval import _config as train_eval_config, _losses
 from training.checkpointing import (Checkpointer, IncompatibleCheckpointError, NoCheckpointError,
                                     complete_steps)
 from training.experiment import Experiment
@@ -32,26 +31,10 @@ def _absl_flags_parsed():
 
 
 def _config(steps=4, **overrides):
-  c = load_config('quickstart.py', 'runlocal')
-  c.train.num_steps = steps
-  c.train.checkpoint_every = 2
-  c.train.log_every = 1
-  c.train.async_checkpointing = False
-  c.optimizer.schedule = 'constant'   # the learning rate does not depend on num_steps, so 2
-  c.optimizer.warmup_steps = 0        # steps + 2 resumed equal 4 straight
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def _losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  return {r['step']: r['loss'] for r in rows if 'loss' in r}
+  # A constant learning rate that does not depend on num_steps, so 2 steps + 2 resumed equal
+  # 4 straight.
+  return train_eval_config(steps, **{'optimizer.schedule': 'constant',
+                                     'optimizer.warmup_steps': 0, **overrides})
 
 
 def _params(config, workdir, step=None):
