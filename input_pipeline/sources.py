@@ -501,14 +501,14 @@ def build_source(ds: ml_collections.ConfigDict, split: str, seed: int,
                      "use a head that takes label sets, e.g. link='sigmoid').")
   if ds.multi_label:
     if ds.max_labels < 1:
-      raise ValueError('dataset.multi_label=True needs dataset.max_labels >= 1 (labels per '
+      raise LabelError('dataset.multi_label=True needs dataset.max_labels >= 1 (labels per '
                        'image at most: the padded length of each label list).')
     if max_labels and max_labels > ds.max_labels:
       raise LabelError(f'{where} has images with {max_labels} labels but dataset.max_labels = '
                        f'{ds.max_labels}; set --config.dataset.max_labels={max_labels}.')
     for field in ('classes', 'label_noise'):
       if ds[field]:
-        raise ValueError(f'dataset.{field} is not supported for multi-label data.')
+        raise LabelError(f'dataset.{field} is not supported for multi-label data; unset it.')
   if ds.classes:
     source = ClassSubset(source, ds.classes)
     names = tuple(names[c] for c in ds.classes) if names else ()
