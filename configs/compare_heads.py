@@ -9,7 +9,8 @@ classifier; with phase1=DIR, LLC phase 2 from that phase-1 workdir: instance cod
 noise = fraction of training labels flipped, noise_kind = symmetric | class_dependent;
 tau = LO:HI, the learnt temperature's bounds for het / hetxl (default 0.05:5.0, start at the
 midpoint);
-epochs; width (ResNet-18 channel multiplier, 1.0 = the real ResNet-18); runlocal.
+epochs; width (ResNet-18 channel multiplier, 1.0 = the real ResNet-18); ood = F holds out a
+seeded fraction F of the classes (`base.hold_out_classes`; OOD data for `evaluation.ood`); runlocal.
 Recipe: ResNet-18 (CIFAR stem on 32 px CIFAR-10, ImageNet stem on 64 px Caltech-101), Adam 1e-3
 with warmup + cosine, batch 128, pad-crop + flip. Heads: HET and HET-XL with R = 6 (CIFAR-10)
 or 16 (Caltech-101) factors, S = 100 train / 1000 eval samples, temperature learnt in
@@ -25,13 +26,15 @@ DATASETS = {'cifar10': ('cifar', 6), 'caltech101': ('imagenet', 16)}  # stem, HE
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, ['dataset', 'head', 'noise', 'noise_kind', 'epochs', 'width',
-                              'phase1', 'tau', 'runlocal'])
+                              'phase1', 'tau', 'ood', 'runlocal'])
   dataset, head = args.get('dataset', 'cifar10'), args.get('head', 'det')
   if dataset not in DATASETS:
     raise ValueError(f'dataset must be one of {sorted(DATASETS)}, got {dataset!r}')
   stem, factors = DATASETS[dataset]
   c = base.small_image_recipe(base.base_config(), dataset, epochs=int(args.get('epochs', 30)),
                               batch_size=128, stem=stem)
+  if 'ood' in args:
+    base.hold_out_classes(c, float(args['ood']))
   c.input.num_workers = 1
   c.model.backbone_kwargs.width = float(args.get('width', 1.0))
   bounds = tuple(float(v) for v in args.get('tau', '0.05:5.0').split(':'))
