@@ -5,7 +5,6 @@ locked (`lock_config=True` in `launch.main`), so a misspelt override fails inste
 silently ignored. Variants come from the string after the colon: `configs/x.py:det,runlocal`
 or `configs/x.py:phase=2,bits=20`; `parse_arg` turns it into a dict.
 """
-import math
 from typing import Dict, Iterable
 
 import ml_collections
@@ -38,11 +37,17 @@ def base_config() -> ConfigDict:
   c.dataset.tfds_name = ''
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'test'
-  c.dataset.num_classes = 10
+  # Facts about the data: 0 = read from the data (a prepared dir's metadata.json, tfds info,
+  # the bundled digits) by `configs.resolve` before anything is derived from them; a value
+  # set here must agree with the data (synthetic data: set them, nothing to read).
+  c.dataset.num_classes = 0        # classes trained on (len(classes) when `classes` is set)
+  c.dataset.image_size = 0         # stored image side (synthetic: side of generated images)
+  c.dataset.channels = 0           # channels the images are decoded to
+  c.dataset.train_examples = 0     # examples in train_split (what train.epochs counts)
   c.dataset.classes = ()           # keep only these class ids (relabelled 0..n-1); () = all
   c.dataset.ood_classes = ()       # class ids held out of training, for OOD evaluation
-  c.dataset.image_size = 8         # synthetic: side of generated images
-  c.dataset.channels = 1           # synthetic: channels of generated images
+  c.dataset.ood_fraction = 0.0     # > 0: hold out this seeded fraction of the classes (sets
+  c.dataset.ood_seed = 0           #   classes / ood_classes once num_classes is known)
   c.dataset.num_examples = 0       # synthetic: examples per split
   c.dataset.label_noise = 0.0      # fraction of training labels flipped (seeded)
   c.dataset.label_noise_kind = 'symmetric'   # symmetric | class_dependent | input_dependent
@@ -58,8 +63,8 @@ def base_config() -> ConfigDict:
   c.input.train_augment = 'none'   # none | flip | cifar | inception
   c.input.eval_preprocess = 'none' # none | resize | center_crop
   c.input.image_size = 0           # 0: keep the stored size
-  c.input.mean = (0.5,)
-  c.input.std = (0.5,)
+  c.input.mean = ()                # per channel, in [0, 1]; () = the data's (metadata.json
+  c.input.std = ()                 #   pixel_stats of the train split), else 0.5
   c.input.num_workers = 0          # grain mp_prefetch workers per process; 0 = in-process
   c.input.shuffle = True
 
@@ -73,9 +78,12 @@ def base_config() -> ConfigDict:
   c.optimizer = ConfigDict()
   c.optimizer.name = 'adam'        # adam | adamw | sgd
   c.optimizer.learning_rate = 1e-3
+  c.optimizer.lr_batch_size = 0    # > 0: learning_rate is per this many images, scaled
+                                   #   linearly to input.batch_size
   c.optimizer.schedule = 'cosine'  # cosine | linear | constant (all after a linear warmup)
   c.optimizer.end_learning_rate = 0.0  # schedule='linear': the rate at the last step
-  c.optimizer.warmup_steps = 0
+  c.optimizer.warmup_steps = 0     # warmup_steps / warmup_epochs: the smaller of those > 0
+  c.optimizer.warmup_epochs = 0.0
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = False
   c.optimizer.weight_decay = 0.0   # decoupled for adamw, coupled (L2 in grads) otherwise
@@ -89,13 +97,18 @@ def base_config() -> ConfigDict:
                                    # temperature decay; True = all decay (uncertainty-baselines JFT)
 
   c.train = ConfigDict()
+  # Steps or epochs: a step count > 0 wins; 0 takes `*epochs` x (train_examples / batch_size).
   c.train.num_steps = 1000
+  c.train.epochs = 0.0
   c.train.log_every = 50
-  c.train.eval_every = 0           # 0: evaluate only at the end
-  c.train.checkpoint_every = 500
+  c.train.eval_every = 0           # 0 (and eval_every_epochs 0): evaluate only at the end
+  c.train.eval_every_epochs = 0.0
+  c.train.checkpoint_every = 500   # 0 (and checkpoint_every_epochs 0): at the end only
+  c.train.checkpoint_every_epochs = 0.0
   c.train.keep_checkpoints = 3
   c.train.async_checkpointing = True
-  c.train.init_from = ''           # workdir whose latest checkpoint initialises ...
+  c.train.init_from = ''           # workdir whose latest checkpoint, or a big_vision ViT / BiT
+                                   # .npz (backbones/pretrained.py), initialises ...
   c.train.init_prefixes = ('backbone',)  # ... these parameter subtrees of a fresh run
 
   c.eval = ConfigDict()
@@ -113,76 +126,91 @@ def runlocal(c: ConfigDict) -> ConfigDict:
   c.input.batch_size = min(c.input.batch_size, 16)
   c.input.eval_batch_size = min(c.input.eval_batch_size, 32)
   c.input.num_workers = 0
-  c.train.num_steps = min(c.train.num_steps, 4)
+  c.train.num_steps = min(c.train.num_steps or 4, 4)
   c.train.log_every = 1
   c.train.eval_every = 0
+  c.train.eval_every_epochs = 0.0
   c.train.checkpoint_every = c.train.num_steps
+  c.train.checkpoint_every_epochs = 0.0
   c.eval.max_examples = 64
   c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 1)
+  c.optimizer.warmup_epochs = 0.0
   return c
 
 
 PREPARED = {
-    # name: (num_classes, channels, stored image size, training examples, prepare command)
-    'cifar10': (10, 3, 32, 50_000, 'python -m launch.prepare_data --source=cifar10_npz '
-                                   '--input_dir=../shared/data --out=.data/cifar10'),
-    'caltech101': (101, 3, 64, 5_784, 'python -m launch.prepare_data --source=caltech101_npz '
-                                      '--input_dir=../shared/data --out=.data/caltech101'),
+    # name: how to prepare it (its facts - classes, channels, size, counts - are read from the
+    # prepared directory's metadata.json when the config is resolved)
+    'cifar10': 'python -m launch.prepare_data --source=cifar10_npz --input_dir=../shared/data '
+               '--out=.data/cifar10',
+    'caltech101': 'python -m launch.prepare_data --source=caltech101_npz '
+                  '--input_dir=../shared/data --out=.data/caltech101',
 }
 
 
 def prepared_dataset(c: ConfigDict, name: str, data_dir: str = '') -> ConfigDict:
-  """Points `c.dataset` at ArrayRecord shards written by `launch.prepare_data`."""
-  num_classes, channels, size, _, command = PREPARED[name]
+  """Points `c.dataset` at ArrayRecord shards written by `launch.prepare_data`: `data_dir`, or
+  the named dataset's default `.data/<name>`. Classes, channels, stored size and example counts
+  are left to the data (0), so `--config.dataset.data_dir=DIR` alone retargets any recipe."""
   c.dataset.name = 'arrayrecord'
   c.dataset.data_dir = data_dir or f'.data/{name}'
-  c.dataset.num_classes = num_classes
-  c.dataset.channels = channels
-  c.dataset.image_size = size
-  c.dataset.setup_hint = f'Prepare it with:\n  {command}'
+  c.dataset.setup_hint = '' if data_dir else f'Prepare it with:\n  {PREPARED[name]}'
   return c
 
 
-def small_image_recipe(c: ConfigDict, dataset: str = 'cifar10', epochs: int = 30,
-                       batch_size: int = 128, stem: str = 'cifar') -> ConfigDict:
-  """ResNet-18 on a prepared small-image dataset (32 px CIFAR-10, 64 px Caltech-101):
-  pad-crop + flip, Adam 1e-3 with warmup and cosine decay."""
-  prepared_dataset(c, dataset)
-  steps_per_epoch = PREPARED[dataset][3] // batch_size
+def small_image_recipe(c: ConfigDict, dataset: str = 'cifar10', epochs: float = 30,
+                       batch_size: int = 128, stem: str = 'cifar',
+                       data_dir: str = '') -> ConfigDict:
+  """ResNet-18 on a prepared small-image dataset (32 px CIFAR-10, 64 px Caltech-101, or any
+  prepared `data_dir`): pad-crop + flip, Adam 1e-3, warmup min(200 steps, 1 epoch), cosine,
+  normalised with the data's own pixel statistics. Steps count in epochs of the data."""
+  prepared_dataset(c, dataset, data_dir)
   c.input.batch_size = batch_size
   c.input.eval_batch_size = 500
   c.input.train_augment = 'cifar'
-  c.input.mean = (0.4914, 0.4822, 0.4465)
-  c.input.std = (0.2470, 0.2435, 0.2616)
   c.input.num_workers = 2
   c.model.backbone = 'resnet18'
   c.model.backbone_kwargs.stem = stem
   c.model.backbone_kwargs.width = 1.0
   c.optimizer.name = 'adam'
   c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = min(200, steps_per_epoch)
-  c.train.num_steps = epochs * steps_per_epoch
+  c.optimizer.warmup_steps = 200
+  c.optimizer.warmup_epochs = 1.0
+  c.train.num_steps = 0
+  c.train.epochs = float(epochs)
   c.train.log_every = 100
-  c.train.eval_every = steps_per_epoch * 5
-  c.train.checkpoint_every = steps_per_epoch
+  c.train.eval_every_epochs = 5.0
+  c.train.checkpoint_every = 0
+  c.train.checkpoint_every_epochs = 1.0
   return c
 
 
 def hold_out_classes(c: ConfigDict, fraction: float, seed: int = 0) -> ConfigDict:
   """Trains on a seeded random (1 - fraction) of the classes; the rest become
-  `dataset.ood_classes` (out-of-distribution data for evaluation, never trained on)."""
+  `dataset.ood_classes` (out-of-distribution data for evaluation, never trained on).
+
+  Sets `dataset.ood_fraction` / `ood_seed`; the class lists follow from the data's class
+  count when the config is resolved (`configs.resolve`), or at once when num_classes is set."""
   if c.dataset.classes:
     raise ValueError('hold_out_classes needs the full class list, but dataset.classes is set')
-  total = c.dataset.num_classes
-  num_out = round(fraction * total)
-  if not 0 < num_out < total:
-    raise ValueError(f'ood={fraction} holds out {num_out} of {total} classes: use a fraction '
-                     f'that leaves at least one class on each side')
-  order = np.random.default_rng(seed).permutation(total)
-  c.dataset.classes = tuple(sorted(int(k) for k in order[num_out:]))
-  c.dataset.ood_classes = tuple(sorted(int(k) for k in order[:num_out]))
-  c.dataset.num_classes = total - num_out
+  c.dataset.ood_fraction = float(fraction)
+  c.dataset.ood_seed = seed
+  if c.dataset.num_classes:
+    split_classes(c.dataset, c.dataset.num_classes)
   return c
+
+
+def split_classes(ds: ConfigDict, total: int) -> None:
+  """Sets ds.classes / ood_classes / num_classes from ds.ood_fraction of `total` classes."""
+  num_out = round(ds.ood_fraction * total)
+  if not 0 < num_out < total:
+    raise ValueError(f'ood={ds.ood_fraction} holds out {num_out} of {total} classes: use a '
+                     'fraction that leaves at least one class on each side')
+  order = np.random.default_rng(ds.ood_seed).permutation(total)
+  ds.classes = tuple(sorted(int(k) for k in order[num_out:]))
+  ds.ood_classes = tuple(sorted(int(k) for k in order[:num_out]))
+  ds.num_classes = total - num_out
+  ds.ood_fraction = 0.0   # done: the lists are the record
 
 
 def runlocal_small_backbone(c: ConfigDict) -> ConfigDict:
@@ -262,7 +290,7 @@ def comparison_head(c: ConfigDict, head: str, *, num_factors: int, train_samples
                     eval_samples: int, chunk: int, bounds: tuple = (0.05, 5.0),
                     parameter_efficient: bool = False) -> ConfigDict:
   """The heads compared side by side, by name, at the config's class count K: det | het |
-  hetxl | soc (10 dims) | socN (N dims) | llc (LLC phase 1, ceil(2 log2 K) bits)."""
+  hetxl | soc (10 dims) | socN (N dims) | llc (LLC phase 1, ceil(2 log2 K) bits, K from the data)."""
   if head == 'det':
     det_head(c)
   elif head in ('het', 'hetxl'):
@@ -274,7 +302,7 @@ def comparison_head(c: ConfigDict, head: str, *, num_factors: int, train_samples
     c.model.head_kwargs.dims = int(head[3:] or 10)
   elif head == 'llc':
     c.model.head = 'llc_codebook'
-    c.model.head_kwargs.bits = math.ceil(2 * math.log2(c.dataset.num_classes))
+    c.model.head_kwargs.bits = 0   # ceil(2 log2 K) of the data's K (llc.heads)
   else:
     raise ValueError(f'head must be det, het, hetxl, soc, socN or llc, got {head!r}')
   return c

@@ -3,7 +3,13 @@ r"""One backbone and one recipe per dataset, any head: the side-by-side comparis
   python -m launch.main --config=configs/compare_heads.py:dataset=cifar10,head=hetxl --workdir=...
   python benchmarks/quality.py --dataset=cifar10      # every head, one table (see there)
 
-Arguments: dataset = cifar10 | caltech101 (prepared by `launch.prepare_data`, see README);
+Arguments: dataset = cifar10 | caltech101 (prepared by `launch.prepare_data`, see README), the
+recipe (stem, HET factors) and its default data; data = DIR, any prepared dataset instead (or
+`--config.dataset.data_dir=DIR`): classes, channels, stored size, example counts and pixel
+statistics come from DIR/metadata.json, after overrides, and so do the LLC bits, the epochs
+in steps and the warmup (`configs.resolve`). For your own data:
+  python -m launch.main --config=configs/compare_heads.py:data=/data/my_ar,head=hetxl,epochs=10 \
+      --workdir=/tmp/mine && python -m launch.main --mode=eval --workdir=/tmp/mine
 head = det | het | hetxl | soc (10 dims) | socN (N dims) | llc (LLC phase 1: the learnt-codebook
 classifier; with phase1=DIR, LLC phase 2 from that phase-1 workdir: instance codes);
 noise = fraction of training labels flipped, noise_kind = symmetric | class_dependent;
@@ -25,14 +31,14 @@ DATASETS = {'cifar10': ('cifar', 6), 'caltech101': ('imagenet', 16)}  # stem, HE
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['dataset', 'head', 'noise', 'noise_kind', 'epochs', 'width',
-                              'phase1', 'tau', 'ood', 'runlocal'])
+  args = base.parse_arg(arg, ['dataset', 'data', 'head', 'noise', 'noise_kind', 'epochs',
+                              'width', 'phase1', 'tau', 'ood', 'runlocal'])
   dataset, head = args.get('dataset', 'cifar10'), args.get('head', 'det')
   if dataset not in DATASETS:
     raise ValueError(f'dataset must be one of {sorted(DATASETS)}, got {dataset!r}')
   stem, factors = DATASETS[dataset]
-  c = base.small_image_recipe(base.base_config(), dataset, epochs=int(args.get('epochs', 30)),
-                              batch_size=128, stem=stem)
+  c = base.small_image_recipe(base.base_config(), dataset, epochs=float(args.get('epochs', 30)),
+                              batch_size=128, stem=stem, data_dir=args.get('data', ''))
   if 'ood' in args:
     base.hold_out_classes(c, float(args['ood']))
   c.input.num_workers = 1
@@ -43,14 +49,14 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   if 'phase1' in args:   # LLC phase 2 from that phase-1 workdir
     if head != 'llc':
       raise ValueError('phase1=DIR applies to head=llc only')
-    bits = c.model.head_kwargs.bits
-    phases.configure(c, {'phase': '2', 'bits': str(bits), 'phase1': args['phase1']}, bits)
+    phases.configure(c, {'phase': '2', 'phase1': args['phase1']})
   if 'tau' in args and head not in ('het', 'hetxl'):
     raise ValueError('tau=LO:HI applies to head=het or hetxl only')
   c.dataset.label_noise = float(args.get('noise', 0.0))
   c.dataset.label_noise_kind = args.get('noise_kind', 'symmetric')
   c.train.log_every = 50
   c.train.eval_every = 0
+  c.train.eval_every_epochs = 0.0
   if 'runlocal' in args:
     base.runlocal_small_backbone(base.runlocal(c))
     base.runlocal_mc(c)

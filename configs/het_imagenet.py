@@ -44,14 +44,16 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c.optimizer.name = 'sgd'
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = True
-  c.optimizer.learning_rate = 0.4
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.lr_batch_size = 256   # 0.1 per 256 images: 0.4 at batch 1024
   c.optimizer.weight_decay = 1e-4
-  steps_per_epoch = 1_281_167 // 1024
-  c.optimizer.warmup_steps = 5 * steps_per_epoch
-  c.train.num_steps = 90 * steps_per_epoch
+  c.optimizer.warmup_epochs = 5.0   # epochs of the tfds train split (configs.resolve)
+  c.train.num_steps = 0
+  c.train.epochs = 90.0
   c.train.log_every = 100
-  c.train.eval_every = 10 * steps_per_epoch
-  c.train.checkpoint_every = steps_per_epoch
+  c.train.eval_every_epochs = 10.0
+  c.train.checkpoint_every = 0
+  c.train.checkpoint_every_epochs = 1.0
   if 'runlocal' in args:
     base.runlocal_stand_in(c)
   return c

@@ -3,7 +3,8 @@ lr 0.05, weight decay 5e-4, cosine, 60 epochs, batch 64.
 
 Prepare the data once:
   python -m launch.prepare_data --source=caltech101_npz --input_dir=../shared/data --out=.data/caltech101
-Phase 1 (learn a k-bit codebook; default k = 14 ~ 2 log2 101), export it, phase 2, evaluate:
+Phase 1 (learn a k-bit codebook; default k = ceil(2 log2 K) = 14 for K = 101), export it,
+phase 2, evaluate:
   python -m launch.main --config=configs/llc_caltech101.py:phase=1,bits=10 --workdir=/tmp/llc_c101_p1
   python -m llc.evaluate --config=configs/llc_caltech101.py:phase=1,bits=10 --workdir=/tmp/llc_c101_p1
   python -m launch.main --config=configs/llc_caltech101.py:phase=2,bits=10,phase1=/tmp/llc_c101_p1 \
@@ -30,12 +31,11 @@ from configs import base
 from llc import phases
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, phases.CONFIG_ARGS)
-  c = base.small_image_recipe(base.base_config(), 'caltech101', epochs=60, batch_size=64)
-  c.input.mean = (0.485, 0.456, 0.406)
-  c.input.std = (0.229, 0.224, 0.225)
+  args = base.parse_arg(arg, phases.CONFIG_ARGS + ('data',))
+  c = base.small_image_recipe(base.base_config(), 'caltech101', epochs=60, batch_size=64,
+                              data_dir=args.get('data', ''))
   phases.paper_optimizer(c)
-  phases.configure(c, args, default_bits=14)
+  phases.configure(c, args)
   if 'runlocal' in args:
     base.runlocal_small_backbone(base.runlocal(c))
   return c

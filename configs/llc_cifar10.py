@@ -3,7 +3,7 @@ batch 128.
 
 Prepare the data once:
   python -m launch.prepare_data --source=cifar10_npz --input_dir=../shared/data --out=.data/cifar10
-Phase 1 (learn a k-bit codebook; default k = 7 ~ 2 log2 10), export it, phase 2 (lr / 10,
+Phase 1 (learn a k-bit codebook; default k = ceil(2 log2 K) = 7 for K = 10), export it, phase 2 (lr / 10,
 1/4 of the steps, backbone + projection from phase 1), evaluate:
   python -m launch.main --config=configs/llc_cifar10.py:phase=1,bits=7 --workdir=/tmp/llc_c10_p1
   python -m llc.evaluate --config=configs/llc_cifar10.py:phase=1,bits=7 --workdir=/tmp/llc_c10_p1
@@ -11,6 +11,9 @@ Phase 1 (learn a k-bit codebook; default k = 7 ~ 2 log2 10), export it, phase 2 
       --workdir=/tmp/llc_c10_p2
   python -m llc.evaluate --config=configs/llc_cifar10.py:phase=2,bits=7,phase1=/tmp/llc_c10_p1 \
       --workdir=/tmp/llc_c10_p2
+Any other prepared dataset: `data=DIR` (or `--config.dataset.data_dir=DIR`); classes, channels,
+size, example counts and the default k come from DIR/metadata.json, the lr scales with the batch
+(0.05 per 64 images), epochs count the data's own examples.
 Variants: `:det` (same backbone, softmax head, the real-valued reference and the source of SVD /
 CCA codebooks), `phase=1,codebook_init=FILE` (warm start from `llc.baseline_codebooks`),
 `phase=2,codebook=FILE,backbone_from=DIR` (a fixed baseline codebook).
@@ -25,11 +28,12 @@ from llc import phases
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, phases.CONFIG_ARGS)
-  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128)
+  args = base.parse_arg(arg, phases.CONFIG_ARGS + ('data',))
+  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128,
+                              data_dir=args.get('data', ''))
   c.model.backbone_kwargs.width = 1.0
   phases.paper_optimizer(c)
-  phases.configure(c, args, default_bits=7)
+  phases.configure(c, args)
   if 'runlocal' in args:
     base.runlocal_small_backbone(base.runlocal(c))
   return c

@@ -20,7 +20,6 @@ Baseline codebooks from a trained classifier, unique of 1000: random 1000, CCA 8
 from configs import base
 from llc import phases
 
-TRAIN_EXAMPLES = 1_281_167
 SETUP_HINT = (
     'Download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into '
     '<tfds data dir>/downloads/manual/, then build it once:\n'
@@ -53,22 +52,24 @@ def imagenet_recipe(c: base.ConfigDict, epochs: int = 100,
   c.model.dtype = 'bfloat16'
   c.optimizer.name = 'sgd'
   c.optimizer.momentum = 0.875
-  c.optimizer.learning_rate = 0.1 * batch_size / 256
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.lr_batch_size = 256   # 0.1 per 256 images, scaled to the final batch
   c.optimizer.schedule = 'cosine'
   c.optimizer.warmup_steps = 0
   c.optimizer.weight_decay = 2.0 ** -15
-  steps_per_epoch = TRAIN_EXAMPLES // batch_size
-  c.train.num_steps = epochs * steps_per_epoch
+  c.train.num_steps = 0
+  c.train.epochs = float(epochs)   # of dataset.train_examples (tfds info)
   c.train.log_every = 500
-  c.train.eval_every = 10 * steps_per_epoch
-  c.train.checkpoint_every = steps_per_epoch
+  c.train.eval_every_epochs = 10.0
+  c.train.checkpoint_every = 0
+  c.train.checkpoint_every_epochs = 1.0
   return c
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, phases.CONFIG_ARGS)
   c = imagenet_recipe(base.base_config())
-  phases.configure(c, args, default_bits=20)
+  phases.configure(c, args)
   if 'runlocal' in args:
     base.runlocal_small_backbone(base.runlocal(c))
   return c

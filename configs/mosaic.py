@@ -25,7 +25,7 @@ Expected with these defaults (BENCHMARKS.md, "Multi-label mosaic"; ~55 min each 
 """
 from configs import base
 
-TRAIN_MOSAICS = 20_000
+TRAIN_MOSAICS = 20_000   # --num_mosaics of the preparation command
 DATA_DIR = '.data/cifar10_mosaic'
 PREPARE = ('python -m launch.prepare_data --source=mosaic:cifar10_npz --input_dir=../shared/data '
            f'--num_mosaics=train={TRAIN_MOSAICS},test=4000 --seed=0 --out={DATA_DIR}')
@@ -33,22 +33,18 @@ PREPARE = ('python -m launch.prepare_data --source=mosaic:cifar10_npz --input_di
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, ['det', 'epochs', 'width', 'stem', 'runlocal'])
-  epochs, batch_size = int(args.get('epochs', 2)), 128
-  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=epochs,
-                              batch_size=batch_size, stem=args.get('stem', 'imagenet'))
-  steps_per_epoch = TRAIN_MOSAICS // batch_size
-  c.dataset.data_dir = DATA_DIR
-  c.dataset.image_size = 64
+  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=float(args.get('epochs', 2)),
+                              batch_size=128, stem=args.get('stem', 'imagenet'),
+                              data_dir=DATA_DIR)
   c.dataset.multi_label = True
   c.dataset.max_labels = 4
   c.dataset.setup_hint = f'Prepare it with:\n  {PREPARE}'
   c.input.eval_batch_size = 250
   c.model.backbone_kwargs.width = float(args.get('width', 0.25))
-  c.optimizer.warmup_steps = steps_per_epoch // 3
-  c.train.num_steps = epochs * steps_per_epoch
+  c.optimizer.warmup_steps = 0
+  c.optimizer.warmup_epochs = 1 / 3
   c.train.log_every = 25
-  c.train.eval_every = steps_per_epoch
-  c.train.checkpoint_every = steps_per_epoch
+  c.train.eval_every_epochs = 1.0
   if 'det' in args:
     base.det_head(c, link='sigmoid')
   else:

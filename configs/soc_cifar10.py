@@ -7,14 +7,17 @@ Run (dims = embedding size; `det` = the same backbone with a softmax head):
   python -m launch.main --config=configs/soc_cifar10.py:det --workdir=/tmp/soc_det
 Expected (the post's ResNet-18 table, its augmentation also had zoom and colour jitter; ours is
 pad-crop + flip on JPEG-q75 CIFAR-10): CE ~86.9%, SOC dims 1/2/5/10 ~71.8/83.4/87.0/87.2%.
+`data=DIR` (or `--config.dataset.data_dir=DIR`) trains on any prepared dataset instead, its
+classes, channels, size and example counts read from DIR/metadata.json.
 `:runlocal` trains a tiny-width ResNet-18 for a few steps on CPU.
 """
 from configs import base
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['dims', 'det', 'learn_scale', 'runlocal'])
-  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128)
+  args = base.parse_arg(arg, ['dims', 'det', 'learn_scale', 'data', 'runlocal'])
+  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128,
+                              data_dir=args.get('data', ''))
   if 'det' in args:
     c.model.head = 'softmax'
   else:

@@ -20,3 +20,19 @@ def build_head(name: str, num_classes: int, **kwargs) -> nn.Module:
   module_name, cls_name = _HEADS[name].split(':')
   cls = getattr(importlib.import_module(module_name), cls_name)
   return cls(num_classes=num_classes, **kwargs)
+
+
+def head_class(name: str) -> type:
+  """The head class registered under `name`."""
+  if name not in _HEADS:
+    raise ValueError(f'unknown head {name!r}; known heads: {sorted(_HEADS)}')
+  module_name, cls_name = _HEADS[name].split(':')
+  return getattr(importlib.import_module(module_name), cls_name)
+
+
+def resolve_head_kwargs(name: str, num_classes: int, kwargs: dict) -> dict:
+  """The head's kwargs with the values it derives from the class count filled in (a head
+  class may define `resolve_kwargs(num_classes, kwargs) -> kwargs`, e.g. LLC's bits = 0 ->
+  ceil(2 log2 K), and check its files there); `configs.resolve` calls it after overrides."""
+  hook = getattr(head_class(name), 'resolve_kwargs', None)
+  return hook(num_classes, dict(kwargs)) if hook else dict(kwargs)

@@ -35,8 +35,8 @@ _V1_LABEL = struct.Struct('<i')
 
 _HOW_TO_PREPARE = (
     'Create it with the preparation command, e.g.\n'
-    '  python -m launch.prepare_data --source=cifar10_npz --input_dir=../shared/data --out={dir}\n'
     '  python -m launch.prepare_data --source=folder --input_dir=/path/to/images --out={dir}\n'
+    '  python -m launch.prepare_data --source=idx --input_dir=/path/to/mnist_files --out={dir}\n'
     '(see `python -m launch.prepare_data --help` for all sources).')
 
 
@@ -83,17 +83,19 @@ def write_metadata(data_dir: str, meta: dict[str, Any]) -> None:
   os.replace(tmp, path)
 
 
-def read_metadata(data_dir: str) -> dict[str, Any]:
-  """Reads `data_dir/metadata.json`; FileNotFoundError saying how to prepare it if missing."""
+def read_metadata(data_dir: str, how_to_prepare: str | None = None) -> dict[str, Any]:
+  """Reads `data_dir/metadata.json`; FileNotFoundError saying how to prepare it if missing
+  (`how_to_prepare`, or the generic preparation commands)."""
   data_dir = os.fspath(data_dir)
   path = os.path.join(data_dir, METADATA_FILE)
+  hint = how_to_prepare or _HOW_TO_PREPARE.format(dir=data_dir)
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f'No prepared dataset: directory {data_dir!r} does not exist. '
-                            + _HOW_TO_PREPARE.format(dir=data_dir))
+                            + hint)
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f'No prepared dataset in {data_dir!r}: {METADATA_FILE} is missing (never prepared, '
-        'or an interrupted preparation). ' + _HOW_TO_PREPARE.format(dir=data_dir))
+        'or an interrupted preparation). ' + hint)
   with open(path) as f:
     meta = json.load(f)
   version = meta.get('format_version')

@@ -84,6 +84,84 @@ class DatasetInfo:
   num_examples: int
 
 
+@dataclasses.dataclass(frozen=True)
+class DataFacts:
+  """What a dataset says about itself, read without decoding it (`dataset_facts`).
+
+  image_size: (h, w) when every stored image has it, None when sizes are mixed, () unknown.
+  channels: what images decode to by default (1 when all are gray, else 3); 0 unknown.
+  splits: split -> examples ({} unknown). class_counts: split -> [K] images per class ({}
+  unknown). pixel_stats: {'1' | '3': {'mean': [..], 'std': [..]}} of the train split in [0, 1]
+  ({} unknown).
+  """
+  where: str
+  num_classes: int
+  channels: int
+  image_size: Any
+  splits: dict
+  class_counts: dict
+  pixel_stats: dict
+
+
+def default_channels(native: Sequence[int]) -> int:
+  """Channels to decode to by default, given the stored images' channel counts: 1 when all
+  are gray (with or without alpha), else 3."""
+  return 1 if native and set(native) <= {1, 2} else 3
+
+
+def dataset_facts(ds: ml_collections.ConfigDict) -> DataFacts:
+  """The facts of the configured dataset: metadata.json of a prepared directory, tfds
+  DatasetInfo, the bundled digits, or the config itself (synthetic). Raises FileNotFoundError
+  (saying how to prepare it) when the data is not there."""
+  where = f'{ds.name} dataset {ds.data_dir or ds.tfds_name or ds.name!r}'
+  if ds.name == 'digits':
+    (train_x, train_y), (_, test_y), names = _digits()
+    counts = {s: np.bincount(y, minlength=len(names)).tolist()
+              for s, y in (('train', train_y), ('test', test_y))}
+    return DataFacts(where, len(names), 1, tuple(train_x.shape[1:3]),
+                     {'train': len(train_y), 'test': len(test_y)}, counts, {})
+  if ds.name == 'arrayrecord':
+    meta = _read_metadata(ds)
+    size = meta.get('image_size')
+    native = meta.get('channels') or ([size[2]] if size else [])
+    return DataFacts(f'prepared dataset {ds.data_dir!r}', int(meta['num_classes']),
+                     default_channels(native) if native else 3,
+                     tuple(size[:2]) if size else None,
+                     {s: m['num_examples'] for s, m in meta['splits'].items()},
+                     {s: m['class_counts'] for s, m in meta['splits'].items()
+                      if 'class_counts' in m}, meta.get('pixel_stats') or {})
+  if ds.name == 'tfds':
+    return _tfds_facts(ds, where)
+  if ds.name == 'synthetic':
+    n = ds.num_examples or 4 * ds.num_classes
+    return DataFacts(where, ds.num_classes, ds.channels, (ds.image_size, ds.image_size),
+                     {ds.train_split: n, ds.eval_split: n}, {}, {})
+  raise ValueError(f"unknown dataset.name {ds.name!r}: use digits, arrayrecord, tfds or synthetic")
+
+
+def _tfds_facts(ds: ml_collections.ConfigDict, where: str) -> DataFacts:
+  import tensorflow_datasets as tfds
+  try:
+    info = tfds.builder(ds.tfds_name, data_dir=ds.data_dir or None).info
+  except Exception as e:  # tfds raises several types for a dataset that is not on disk
+    raise FileNotFoundError(f'tfds dataset {ds.tfds_name!r} is not prepared under '
+                            f'{ds.data_dir or "the default TFDS data dir"}: {e}\n'
+                            f'{ds.setup_hint or ""}'.strip()) from e
+  label = info.features['label'] if 'label' in info.features else None
+  label = getattr(label, 'feature', label)
+  shape = tuple(info.features['image'].shape) if 'image' in info.features else ()
+  size = tuple(shape[:2]) if shape and None not in shape[:2] else (None if shape else ())
+  splits = {}
+  for split in (ds.train_split, ds.eval_split):
+    try:
+      splits[split] = int(info.splits[split].num_examples)
+    except (KeyError, ValueError):
+      pass
+  return DataFacts(where, int(getattr(label, 'num_classes', 0) or 0),
+                   default_channels([shape[2]]) if len(shape) == 3 and shape[2] else 0,
+                   size, splits if len(splits) == 2 else {}, {}, {})
+
+
 class ArraySource:
   """In-memory images [N, H, W, C] uint8 and labels [N]."""
 
@@ -432,12 +510,21 @@ def _digits_source(split: str):
   return ArraySource(images, labels), names
 
 
+def _read_metadata(ds: ml_collections.ConfigDict) -> dict:
+  """metadata.json of the prepared directory; when missing, the error says how to prepare it:
+  `dataset.setup_hint` when the config names no directory or the hint is about this one (a
+  recipe's own dataset), else the generic commands (a user's own data_dir)."""
+  from input_pipeline import records
+  if not ds.data_dir:
+    raise FileNotFoundError('dataset.data_dir is not set: point it at a directory written by '
+                            f'python -m launch.prepare_data.\n{ds.setup_hint}'.strip())
+  own = ds.setup_hint and f'--out={ds.data_dir}' in ds.setup_hint.replace(' ', '')
+  return records.read_metadata(ds.data_dir, how_to_prepare=ds.setup_hint if own else None)
+
+
 def _arrayrecord_source(ds: ml_collections.ConfigDict, split: str):
   from input_pipeline import records
-  try:
-    meta = records.read_metadata(ds.data_dir)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f'{e}\n{ds.setup_hint}'.strip()) from None
+  meta = _read_metadata(ds)
   source = RecordSource(records.split_paths(ds.data_dir, split), meta['format_version'])
   return source, tuple(meta['class_names']), meta['multi_label'], meta['max_labels_per_image']
 

@@ -3,6 +3,12 @@ r"""Trains and evaluates, or evaluates a checkpoint.
   python -m launch.main --config=configs/quickstart.py --workdir=/tmp/qs [--mode=train|eval]
   python -m launch.main --config=configs/hetxl_cifar10.py:runlocal --workdir=... \
       --config.train.num_steps=10
+  python -m launch.main --mode=eval --workdir=/tmp/qs   # the config saved in the workdir
+
+Without --config, the workdir's saved config.json is used (`configs.workdir`): for
+--mode=eval, and to resume a run as it was. The config is resolved against its data
+(`configs.resolve`) before anything is built; a config that does not fit its data stops with
+one line naming the field to set.
 
 On a cluster (TPU pod, multi-node GPU) every process runs the same command; the JAX
 distributed runtime is initialised from the environment the cluster sets.
@@ -31,6 +37,7 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   config = _CONFIG.value
+  from configs.resolve import ConfigError
   from input_pipeline.sources import LabelError
   from training.checkpointing import IncompatibleCheckpointError
   from training.workdir import WorkdirInUseError
@@ -43,11 +50,12 @@ def main(argv):
       record = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
       print(json.dumps(record), flush=True)
   except (FileNotFoundError, IncompatibleCheckpointError, WorkdirInUseError,
-          FloatingPointError, LabelError) as e:
+          FloatingPointError, LabelError, ConfigError) as e:
     # A problem with the inputs, not a bug: the message says what to do; no traceback.
     logging.error('%s: %s', type(e).__name__, e)
     sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from configs.workdir import default_to_workdir
+  app.run(main, argv=default_to_workdir(sys.argv))

@@ -52,10 +52,11 @@ def init_values(path: str, num_classes: int, bits: int, seed: int = 0) -> np.nda
   return values.astype(np.float32)
 
 
-def check_phase1_workdir(workdir: str, num_classes: int, bits: int) -> str:
+def check_phase1_workdir(workdir: str, num_classes: int | None = None,
+                         bits: int | None = None) -> str:
   """Fails clearly unless `workdir` holds a finalised phase-1 checkpoint (unfinished step
-  directories are skipped with a warning) and a matching exported codebook; returns the
-  codebook path."""
+  directories are skipped with a warning) and an exported codebook ([num_classes, bits] when
+  given); returns the codebook path."""
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'phase-1 workdir {workdir} does not exist: train phase 1 first '
                             '(config argument phase=1), then export its codebook')
@@ -66,5 +67,6 @@ def check_phase1_workdir(workdir: str, num_classes: int, bits: int) -> str:
   path = codebook_path(workdir)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'phase-1 workdir {workdir} has no {CODEBOOK_FILE}; {EXPORT_HINT}')
-  load_codebook(path, num_classes, bits)
+  if num_classes is not None:
+    load_codebook(path, num_classes, bits)
   return path

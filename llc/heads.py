@@ -22,6 +22,7 @@ of them is the posterior over classes under a uniform prior: the shared evaluato
 NLL and ECE apply as they are. With |o_j| all equal, argmax of the logits is minimum-Hamming
 decoding (o . T_c = |o| (#ones of sign(o)) - |o| Hamming(sign(o), B_c)), ties to the lowest index.
 """
+import math
 from typing import Optional
 
 import jax
@@ -40,6 +41,23 @@ LLC_SINGLE_LABEL = (
     '(Kusupati et al. 2021 train single-label softmax); a set of labels has no one code to match.')
 
 
+def default_bits(num_classes: int) -> int:
+  """ceil(2 log2 K), at least 1: the code length `bits = 0` stands for (the paper's ~2 log2 K)."""
+  return max(1, math.ceil(2 * math.log2(max(num_classes, 2))))
+
+
+def _resolver(file_field: str):
+  """`resolve_kwargs` of an LLC head (`heads.registry.resolve_head_kwargs`): bits 0 ->
+  `default_bits(K)`; the codebook file in `file_field`, if any, must be [K, bits]."""
+  def resolve_kwargs(num_classes: int, kwargs: dict) -> dict:
+    if kwargs.get('bits') == 0:
+      kwargs['bits'] = default_bits(num_classes)
+    if kwargs.get(file_field):
+      codebook_io.load_codebook(kwargs[file_field], num_classes, kwargs.get('bits', 20))
+    return kwargs
+  return staticmethod(resolve_kwargs)
+
+
 class CodebookHead(nn.Module):
   """Phase 1: logits = z @ sign(C)^T with a learnt real codebook C [L, k] (straight-through).
 
@@ -52,6 +70,7 @@ class CodebookHead(nn.Module):
   codebook_init: str = ''
   link = 'softmax'
   label_sets_unsupported = LLC_SINGLE_LABEL
+  resolve_kwargs = _resolver('codebook_init')
 
   def _codebook_initializer(self):
     if not self.codebook_init:
@@ -89,6 +108,7 @@ class InstanceCodeHead(nn.Module):
   codebook: str = ''
   link = 'softmax'
   label_sets_unsupported = LLC_SINGLE_LABEL
+  resolve_kwargs = _resolver('codebook')
 
   def _class_codes(self) -> jax.Array:
     def from_file():

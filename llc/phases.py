@@ -11,10 +11,14 @@ Phase 2 takes backbone + projection (`train.init_from=DIR`, prefixes backbone, h
 and the codebook `DIR/codebook.npy` (written by `llc.evaluate`) from the phase-1 workdir, and
 trains with 1/10 of the learning rate for 1/4 of the steps (the paper's 100 -> 25 epochs,
 lr 0.1 -> 0.01); `codebook=FILE` replaces the codebook. `backbone_from=DIR` warm-starts the
-backbone only (e.g. from a DET workdir). Files are checked when the config is built, so a
-missing or mismatched phase-1 workdir stops before any training; `:runlocal` phase 2 without
+backbone only (e.g. from a DET workdir). `bits` defaults to ceil(2 log2 K) of the data's K.
+The phase-1 workdir is checked when the config is built (it exists, holds a finished
+checkpoint and its exported codebook.npy); the codebook's shape [K, bits] is checked when the
+config is resolved (`configs.resolve`, after `--config.*` overrides), so a missing or
+mismatched phase-1 workdir stops before any training; `:runlocal` phase 2 without
 phase1/codebook builds, and fails when the head is initialised.
 """
+import math
 import os
 
 import ml_collections
@@ -35,16 +39,18 @@ def paper_optimizer(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optimizer.name = 'sgd'
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 5e-4
-  c.optimizer.learning_rate = 0.05 * c.input.batch_size / 64
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.lr_batch_size = 64   # scaled to the final input.batch_size by configs.resolve
   return c
 
 
 def configure(c: ml_collections.ConfigDict, args: dict,
-              default_bits: int) -> ml_collections.ConfigDict:
-  """Sets head, codebook, warm start and held-out classes of `c` from parsed config arguments."""
+              default_bits: int = 0) -> ml_collections.ConfigDict:
+  """Sets head, codebook, warm start and held-out classes of `c` from parsed config arguments.
+  Nothing here depends on the class count: bits = `default_bits` (0: ceil(2 log2 K)) and the
+  codebook checks are resolved after overrides (`llc.heads.default_bits`, `configs.resolve`)."""
   if 'ood' in args:
     base.hold_out_classes(c, float(args['ood']))
-  num_classes = c.dataset.num_classes
   given = lambda key: os.path.abspath(args[key]) if args.get(key) else ''
   if 'backbone_from' in args:
     c.train.init_from = given('backbone_from')
@@ -55,12 +61,10 @@ def configure(c: ml_collections.ConfigDict, args: dict,
     c.model.head_kwargs.label_smoothing = 0.1
     return c
   phase, bits = int(args.get('phase', 1)), int(args.get('bits', default_bits))
-  if bits < 1:
-    raise ValueError(f'bits must be >= 1, got {bits}')
+  if bits < 0 or 'bits' in args and bits == 0:
+    raise ValueError(f'bits must be >= 1, got {bits} (leave it out for ceil(2 log2 K))')
   if phase == 1:
     _forbid(args, ('phase1', 'codebook'), 'phase=1')
-    if given('codebook_init'):
-      codebook_io.load_codebook(given('codebook_init'), num_classes, bits)
     c.model.head = 'llc_codebook'
     c.model.head_kwargs.bits = bits
     c.model.head_kwargs.label_smoothing = 0.1
@@ -74,25 +78,28 @@ def configure(c: ml_collections.ConfigDict, args: dict,
     raise ValueError('phase=2 takes phase1=DIR (backbone + projection) or backbone_from=DIR '
                      '(backbone only), not both')
   if phase1:
-    phase1_codebook = codebook_io.check_phase1_workdir(phase1, num_classes, bits)
-    codebook = codebook or phase1_codebook
+    codebook = codebook or codebook_io.check_phase1_workdir(phase1)
     c.train.init_from = phase1
     c.train.init_prefixes = ('backbone', 'head/projection')
-  elif codebook:
-    codebook_io.load_codebook(codebook, num_classes, bits)
-  elif 'runlocal' not in args:
+  elif not codebook and 'runlocal' not in args:
     raise ValueError('phase=2 needs the phase-1 workdir: add phase1=<phase-1 workdir> (its '
                      'codebook.npy is exported by python -m llc.evaluate), or codebook=<file>')
-  if codebook and phase1:
-    codebook_io.load_codebook(codebook, num_classes, bits)
   c.model.head = 'llc_instance'
   c.model.head_kwargs.bits = bits
   c.model.head_kwargs.codebook = codebook
   c.optimizer.learning_rate *= PHASE2_LR_FACTOR
-  c.train.num_steps = max(1, int(c.train.num_steps * PHASE2_STEP_FRACTION))
-  c.train.eval_every = min(c.train.eval_every, c.train.num_steps)
-  c.train.checkpoint_every = min(c.train.checkpoint_every, c.train.num_steps)
-  c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, c.train.num_steps // 10)
+  t, o = c.train, c.optimizer
+  if t.num_steps:
+    t.num_steps = max(1, int(t.num_steps * PHASE2_STEP_FRACTION))
+    t.eval_every = min(t.eval_every, t.num_steps)
+    t.checkpoint_every = min(t.checkpoint_every, t.num_steps)
+    o.warmup_steps = min(o.warmup_steps, t.num_steps // 10)
+  else:   # counted in epochs: the same fractions, resolved against the data
+    t.epochs *= PHASE2_STEP_FRACTION
+    t.eval_every_epochs = min(t.eval_every_epochs, t.epochs)
+    t.checkpoint_every_epochs = min(t.checkpoint_every_epochs, t.epochs)
+    if o.warmup_steps or o.warmup_epochs:   # at most a tenth of the run (the smaller counts)
+      o.warmup_epochs = min(o.warmup_epochs or math.inf, t.epochs / 10)
   return c
 
 

@@ -13,6 +13,32 @@ def load_config(path: str, arg: str | None = None):
   return module.get_config(arg)
 
 
+# Facts of the named prepared datasets (what their metadata.json says), for resolving their
+# configs without the data on disk (`resolved_config`).
+FACTS = {'cifar10': dict(num_classes=10, channels=3, train_examples=50_000),
+         'caltech101': dict(num_classes=101, channels=3, train_examples=5_784),
+         'cifar10_mosaic': dict(num_classes=10, channels=3, train_examples=20_000),
+         'imagenet2012': dict(train_examples=1_281_167)}
+
+
+def resolved_config(path: str, arg: str | None = None, **overrides):
+  """load_config(path, arg), `overrides` ('a.b': v) applied as --config.a.b=v would, then
+  resolved (`configs.resolve`) without reading data from disk: a named prepared dataset's facts (FACTS)
+  stand in for its metadata.json."""
+  from configs.resolve import resolve
+  c = load_config(path, arg)
+  name = c.dataset.tfds_name or os.path.basename(c.dataset.data_dir)
+  if c.dataset.name in ('arrayrecord', 'tfds') and name in FACTS:
+    c.dataset.update(FACTS[name])
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return resolve(c, with_data=c.dataset.name in ('digits', 'synthetic'), verbose=False)
+
+
 def load_benchmark(name: str):
   """benchmarks/NAME.py as a module, loaded by path. benchmarks/ never goes on sys.path: its
   input_pipeline.py would shadow the package of that name, also in grain's worker processes."""

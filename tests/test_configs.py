@@ -5,17 +5,16 @@ import os
 import jax
 import pytest
 
-from tests.helpers import ROOT, load_config, run_main
+from tests.helpers import ROOT, load_config, resolved_config, run_main
 from training.experiment import Experiment
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                 if not p.endswith(('__init__.py', 'base.py')))
+                 if not p.endswith(('__init__.py', 'base.py', 'resolve.py', 'workdir.py')))
 
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_builds_runlocal(name):
-  module = __import__('configs.' + name[:-3], fromlist=['get_config'])
-  config = module.get_config('runlocal')
+  config = resolved_config(name, 'runlocal')
   assert config.train.num_steps <= 10
   assert config.input.batch_size <= 16
   # Abstract model + optimizer state (no compile, no data read for private datasets).

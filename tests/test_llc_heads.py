@@ -13,7 +13,8 @@ from flax import linen as nn
 from heads.softmax import SoftmaxHead
 from llc import baselines, codebook_io, codes, phases
 from llc.heads import CodebookHead, InstanceCodeHead
-from tests.helpers import load_config
+from configs.resolve import resolve
+from tests.helpers import load_config, resolved_config
 
 LLC_CONFIGS = ('llc_cifar10.py', 'llc_caltech101.py', 'llc_imagenet.py')
 
@@ -185,18 +186,36 @@ def test_synthetic_clusters_unique_codes_and_mhd_near_real_head(tmp_path):
 
 @pytest.mark.parametrize('name', LLC_CONFIGS)
 def test_llc_config_variants(name, tmp_path):
-  p1 = load_config(name, 'phase=1,bits=9')
+  p1 = resolved_config(name, 'phase=1,bits=9')
   assert p1.model.head == 'llc_codebook' and p1.model.head_kwargs.bits == 9
   assert p1.model.head_kwargs.label_smoothing == 0.1
   book = save(tmp_path / 'b.npy', np.ones((p1.dataset.num_classes, 9), np.float32))
-  assert load_config(name, f'codebook_init={book},bits=9').model.head_kwargs.codebook_init == book
-  p2 = load_config(name, f'phase=2,bits=9,codebook={book},backbone_from={tmp_path}')
+  assert resolved_config(name, f'codebook_init={book},bits=9').model.head_kwargs.codebook_init == book
+  p2 = resolved_config(name, f'phase=2,bits=9,codebook={book},backbone_from={tmp_path}')
   assert p2.model.head == 'llc_instance' and p2.model.head_kwargs.codebook == book
   assert p2.train.init_from == str(tmp_path) and tuple(p2.train.init_prefixes) == ('backbone',)
   assert p2.optimizer.learning_rate == pytest.approx(p1.optimizer.learning_rate / 10)
-  assert p2.train.num_steps == p1.train.num_steps // 4
+  assert abs(p2.train.num_steps - p1.train.num_steps / 4) <= 1
   assert load_config(name, 'det').model.head == 'softmax'
   assert load_config(name, 'runlocal,phase=2').model.head_kwargs.codebook == ''
+
+
+def test_llc_bits_lr_and_steps_follow_the_final_config():
+  """Derived after overrides (issue 16 cases 1 and 3): bits from the final K, the lr linear in
+  the final batch (0.05 per 64 images), steps from the epochs of the data's examples."""
+  c = resolved_config('llc_cifar10.py', 'phase=1', **{
+      'dataset.num_classes': 242, 'dataset.train_examples': 1000, 'input.batch_size': 100,
+      'train.epochs': 3.0})
+  assert c.model.head_kwargs.bits == 16                # ceil(2 log2 242) = ceil(15.84)
+  assert c.optimizer.learning_rate == pytest.approx(0.05 * 100 / 64)
+  assert c.train.num_steps == 30 and c.optimizer.warmup_steps == 10   # min(200, 1 epoch)
+  assert c.train.checkpoint_every == 10 and c.train.eval_every == 30   # 1 / min(5, 3) epochs
+  p2 = resolved_config('llc_cifar10.py', 'phase=2,codebook=x.npy', **{
+      'dataset.num_classes': 4, 'dataset.train_examples': 1000, 'input.batch_size': 100,
+      'model.head_kwargs.codebook': ''})
+  assert p2.model.head_kwargs.bits == 4 and p2.train.num_steps == round(30 * 10 / 4)
+  assert p2.optimizer.learning_rate == pytest.approx(0.05 * 100 / 64 / 10)
+  assert resolve(p2, with_data=False).train.num_steps == 75   # resolving again changes nothing
 
 
 def test_phase2_config_without_a_phase1_codebook_fails_clearly(tmp_path):
@@ -213,10 +232,15 @@ def test_phase2_config_without_a_phase1_codebook_fails_clearly(tmp_path):
     load_config('llc_cifar10.py', f'phase=2,bits=5,phase1={tmp_path / "p1"}')
   save(tmp_path / 'p1' / 'codebook.npy', np.ones((10, 7), np.float32))
   with pytest.raises(ValueError, match=r'shape \(10, 7\).*\[10, 5\]'):
-    load_config('llc_cifar10.py', f'phase=2,bits=5,phase1={tmp_path / "p1"}')
-  c = load_config('llc_cifar10.py', f'phase=2,bits=7,phase1={tmp_path / "p1"}')
+    resolved_config('llc_cifar10.py', f'phase=2,bits=5,phase1={tmp_path / "p1"}')
+  c = resolved_config('llc_cifar10.py', f'phase=2,phase1={tmp_path / "p1"}')   # bits 7 = default
   assert c.model.head_kwargs.codebook == str(tmp_path / 'p1' / 'codebook.npy')
   assert tuple(c.train.init_prefixes) == ('backbone', 'head/projection')
+  # The shape is checked against the final num_classes: 242 classes need a (242, 16) codebook.
+  save(tmp_path / 'p1' / 'codebook.npy', np.ones((242, 16), np.float32))
+  c = resolved_config('llc_cifar10.py', f'phase=2,phase1={tmp_path / "p1"}',
+                      **{'dataset.num_classes': 242})
+  assert c.model.head_kwargs.bits == 16
   with pytest.raises(ValueError, match='do not apply'):
     load_config('llc_cifar10.py', f'phase=1,phase1={tmp_path / "p1"}')
 

@@ -8,7 +8,7 @@ import pytest
 
 from configs import base
 from llc import ood, phases
-from tests.helpers import load_config
+from tests.helpers import load_config, resolved_config
 
 
 def brute_force_accuracy(scores, is_ood):
@@ -51,15 +51,15 @@ def test_compare_scores_on_the_untuned_rest():
 
 
 def test_hold_out_classes_partitions_seeded_and_checks_fraction():
-  c = base.hold_out_classes(load_config('llc_caltech101.py', 'phase=1'), 0.25)
+  c = base.hold_out_classes(resolved_config('llc_caltech101.py', 'phase=1'), 0.25)
   assert c.dataset.num_classes == 76 and len(c.dataset.ood_classes) == 25
   assert sorted(c.dataset.classes + c.dataset.ood_classes) == list(range(101))
-  again = load_config('llc_caltech101.py', 'det,ood=0.25')
+  again = resolved_config('llc_caltech101.py', 'det,ood=0.25')   # after the data's K = 101
   assert again.dataset.classes == c.dataset.classes and again.model.head == 'softmax'
   with pytest.raises(ValueError, match='at least one class'):
-    base.hold_out_classes(load_config('llc_cifar10.py', 'phase=1'), 0.99)
+    base.hold_out_classes(resolved_config('llc_cifar10.py', 'phase=1'), 0.99)
   with pytest.raises(ValueError, match='ood=F'):
-    ood.heldout_config(load_config('llc_cifar10.py', 'phase=1'))
+    ood.heldout_config(resolved_config('llc_cifar10.py', 'phase=1'))
 
 
 def test_digits_end_to_end_against_the_workdirs_own_evaluations(tmp_path):

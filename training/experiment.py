@@ -9,6 +9,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from configs.resolve import resolve
 from input_pipeline.pipeline import eval_dataset, preprocess
 from input_pipeline.sources import DatasetInfo, Subset, build_source
 from training.mesh import batch_sharding, build_mesh
@@ -37,8 +38,11 @@ class Experiment:
     """Mesh (over `devices`, default all), model, optimizer, state layout and eval data.
 
     `with_data=False` (ahead-of-time compilation) opens no dataset when the config fixes the
-    image shape (`config_image_shape`); `eval_source` and `info` are then None.
+    image shape (`config_image_shape`); `eval_source` and `info` are then None. `config` is
+    resolved first, in place (`configs.resolve`: values derived from the data and the final
+    fields, checked against the data).
     """
+    resolve(config, with_data=with_data or config_image_shape(config) is None)
     mesh = build_mesh(config.mesh.axes, config.mesh.shape, devices)
     for name, size in (('input.batch_size', config.input.batch_size),
                        ('input.eval_batch_size', config.input.eval_batch_size)):
