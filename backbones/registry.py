@@ -9,6 +9,7 @@ from typing import Callable, Dict
 import jax.numpy as jnp
 from flax import linen as nn
 
+from backbones.bit import BiT
 from backbones.convnet import ConvNet
 from backbones.resnet import ResNet
 from backbones.vit import VARIANTS, ViT
@@ -27,6 +28,9 @@ _BACKBONES: Dict[str, Callable[..., nn.Module]] = {
     'resnet34': functools.partial(ResNet, depth=34),
     'resnet50': functools.partial(ResNet, depth=50),
     **{f'vit_{v.lower()}{p}': functools.partial(_vit, v, p) for v in VARIANTS for p in (16, 32)},
+    # BiT ResNet-v2 (the public BiT-S/M/L weights: backbones/pretrained.py)
+    **{f'bit_r{d}x{w}': functools.partial(BiT, depth=d, width=w)
+       for d in (50, 101, 152) for w in (1, 2, 3, 4)},
 }
 
 

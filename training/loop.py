@@ -135,7 +135,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                          jax.random.key(config.seed))
     start = 0
     if config.train.init_from:
-      state, taken = warm_start(state, config.train.init_from, config.train.init_prefixes)
+      state, taken = warm_start(state, config.train.init_from, config.train.init_prefixes,
+                                exp.model.backbone)
       print(f'Initialised {len(taken)} arrays from {config.train.init_from}.', flush=True)
   else:
     state = ckpt.restore(start, exp.abstract_restore_target(), train_iter)
