@@ -14,7 +14,11 @@ the checkpoint, or `--phase1_workdir`'s codebook.npy, and reports `llc.codes.llc
 accuracy and tie rate, bits right, unique codes) plus `logit_accuracy` (argmax of the code
 log-likelihood logits, what the shared evaluator's accuracy is). With `--retrieval_topk=R`
 (phase 2), also MAP@R of Hamming ranking: eval-split codes as queries against the training
-split's codes (un-augmented, clean labels) as the database (`llc.retrieval`).
+split's codes (un-augmented, clean labels) as the database (`llc.retrieval`), under both
+protocols, labelled: `map@R` (strict: every query, AP 0 when its top R holds nothing relevant)
+and `map@R_hashnet` (such queries dropped from the mean, as HashNet's evaluation code and the
+LLC paper's comparison do), with `retrieval_queries_without_relevant`.
+Without --config, the workdir's saved config.json is used (`configs.workdir`).
 Prints one JSON line and writes it to `<workdir>/llc_eval.json`. On a cluster every process runs
 the same command (as `launch.main`); each reads its share of the split, and process 0 writes.
 """
@@ -129,8 +133,13 @@ def evaluate_llc(config: ml_collections.ConfigDict, workdir: str,
       database, _ = build_source(config.dataset, config.dataset.train_split, config.seed,
                                  train=False)
       db = collect_codes(exp, variables, database)
-      record[f'map@{retrieval_topk}'] = retrieval.mean_average_precision(
-          out['codes'] >= 0, out['label'], db['codes'] >= 0, db['label'], retrieval_topk)
+      aps, found = retrieval.average_precisions(out['codes'] >= 0, out['label'],
+                                                db['codes'] >= 0, db['label'], retrieval_topk)
+      # map@R: every query (AP 0 when nothing relevant is retrieved); map@R_hashnet: those
+      # queries dropped from the mean, the HashNet protocol the LLC paper compares with.
+      record[f'map@{retrieval_topk}'] = retrieval.map_from_aps(aps, found, 'strict')
+      record[f'map@{retrieval_topk}_hashnet'] = retrieval.map_from_aps(aps, found, 'hashnet')
+      record['retrieval_queries_without_relevant'] = int(np.sum(~found))
       record['retrieval_database'] = int(len(db['label']))
   _write_json(os.path.join(workdir, EVAL_FILE), record)
   return record

@@ -55,22 +55,50 @@ def is_relevant(query_label: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
   return np.any(as_bool(db_labels) & as_bool(query_label), axis=1)
 
 
-def mean_average_precision(query_bits, query_labels, db_bits, db_labels, topk: int) -> float:
-  """MAP@topk of Hamming ranking (ties broken by database index) with codes [Nq, k], [Nd, k].
+# MAP@R protocols: 'strict' (ours, the default) keeps every query in the mean, AP = 0 for a query
+# whose top R holds nothing relevant; 'hashnet' drops such queries from the mean, as the
+# evaluation code of HashNet (Cao et al., ICCV 2017) does, the protocol of the hashing baselines
+# the LLC paper (Kusupati et al., NeurIPS 2021) compares with. 'hashnet' >= 'strict' always.
+PROTOCOLS = ('strict', 'hashnet')
 
-  AP@R = (1 / #relevant in the top R) * sum over relevant positions i <= R of precision@i.
-  Queries with no relevant item in the top R contribute AP = 0 and stay in the mean; HashNet's
-  evaluation code instead drops them from the mean, which gives a higher number.
-  Labels are class indices [N] or multi-hot [N, C] (relevant = at least one shared label).
+
+def average_precisions(query_bits, query_labels, db_bits, db_labels,
+                       topk: int) -> tuple[np.ndarray, np.ndarray]:
+  """(AP@topk [Nq], found [Nq] bool: the top `topk` holds at least one relevant item) of
+  Hamming ranking (ties broken by database index) with codes [Nq, k], [Nd, k].
+
+  AP@R = (1 / #relevant in the top R) * sum over relevant positions i <= R of precision@i
+  (0 when none is relevant). Labels are class indices [N] or multi-hot [N, C] (relevant = at
+  least one shared label).
   """
   query_bits, db_bits = as_bool(query_bits), as_bool(db_bits)
   query_labels, db_labels = np.asarray(query_labels), np.asarray(db_labels)
   k = db_bits.shape[1]
   query_packed, db_packed = narrow(pack(query_bits), k), narrow(pack(db_bits), k)
   aps = np.zeros(query_bits.shape[0])
+  found = np.zeros(query_bits.shape[0], bool)
   for start, dist in distance_blocks(query_packed, db_packed):
     for row, query_dist in enumerate(dist):
-      ranked = counting_sort_topk(query_dist, topk)
-      aps[start + row] = average_precision(
-          is_relevant(query_labels[start + row], db_labels[ranked]))
-  return float(aps.mean()) if aps.size else 0.0
+      relevant = is_relevant(query_labels[start + row], db_labels[counting_sort_topk(query_dist,
+                                                                                     topk)])
+      aps[start + row] = average_precision(relevant)
+      found[start + row] = np.any(relevant)
+  return aps, found
+
+
+def map_from_aps(aps: np.ndarray, found: np.ndarray, protocol: str = 'strict') -> float:
+  """MAP over queries under `protocol` (see PROTOCOLS): 'strict' averages every AP, 'hashnet'
+  only those of queries with a relevant item in their top R (0.0 when there is none)."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'MAP protocol must be one of {PROTOCOLS}, got {protocol!r}')
+  kept = aps if protocol == 'strict' else aps[np.asarray(found, bool)]
+  return float(kept.mean()) if kept.size else 0.0
+
+
+def mean_average_precision(query_bits, query_labels, db_bits, db_labels, topk: int,
+                           protocol: str = 'strict') -> float:
+  """MAP@topk of Hamming ranking under `protocol` ('strict': queries with no relevant item in
+  the top R count as AP 0; 'hashnet': they are dropped from the mean, which gives a higher
+  number). Arguments as `average_precisions`."""
+  return map_from_aps(*average_precisions(query_bits, query_labels, db_bits, db_labels, topk),
+                      protocol)

@@ -169,6 +169,39 @@ def test_map_on_hand_computed_ranking():
   expected = (Fraction(29, 36) + 0 + 1) / 3                  # = 65/108
   got = retrieval.mean_average_precision(queries, query_labels, db, db_labels, topk=4)
   assert got == pytest.approx(float(expected), abs=1e-12)
+  # HashNet protocol: query 111 retrieves nothing relevant and leaves the mean.
+  got = retrieval.mean_average_precision(queries, query_labels, db, db_labels, topk=4,
+                                         protocol='hashnet')
+  assert got == pytest.approx(float((Fraction(29, 36) + 1) / 2), abs=1e-12)
+
+
+@pytest.mark.parametrize('multilabel', (False, True))
+def test_map_protocols_equal_brute_force(multilabel):
+  """Both MAP@R protocols against a brute force: full stable sort of (distance, index), AP
+  as the mean of precision@i over relevant ranks i <= R, then the mean over all queries
+  (strict) or over the queries with a relevant item in their top R (hashnet)."""
+  rng = np.random.default_rng(11 + multilabel)
+  k, nq, nd, r = 9, 60, 300, 7
+  qb, db = random_bits(rng, nq, k), random_bits(rng, nd, k)
+  if multilabel:
+    ql, dl = rng.random((nq, 12)) < 0.08, rng.random((nd, 12)) < 0.08
+  else:
+    ql, dl = rng.integers(0, 40, nq), rng.integers(0, 40, nd)
+  aps, found = [], []
+  for i in range(nq):
+    dist = np.sum(qb[i] != db, axis=1)
+    top = sorted(range(nd), key=lambda j: (dist[j], j))[:r]
+    rel = [bool(np.any(ql[i] & dl[j])) if multilabel else ql[i] == dl[j] for j in top]
+    precisions = [sum(rel[:pos + 1]) / (pos + 1) for pos in range(r) if rel[pos]]
+    aps.append(np.mean(precisions) if precisions else 0.0)
+    found.append(bool(precisions))
+  aps, found = np.array(aps), np.array(found)
+  assert 0 < found.sum() < nq     # both protocols differ on this draw
+  for protocol, want in (('strict', aps.mean()), ('hashnet', aps[found].mean())):
+    got = retrieval.mean_average_precision(qb, ql, db, dl, topk=r, protocol=protocol)
+    assert got == pytest.approx(want, abs=1e-12), protocol
+  with pytest.raises(ValueError, match='protocol must be one of'):
+    retrieval.mean_average_precision(qb, ql, db, dl, topk=r, protocol='hashNet')
 
 
 def test_map_multilabel_relevance():
