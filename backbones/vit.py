@@ -52,11 +52,22 @@ class EncoderBlock(nn.Module):
     return x + MlpBlock(self.mlp_dim, self.dropout, self.dtype, name='mlp')(y, train=train)
 
 
+class _ScannedBlock(EncoderBlock):
+  """EncoderBlock with the (carry, output) signature `nn.scan` needs; `train` is broadcast."""
+
+  def __call__(self, x: jax.Array, train: bool):  # pytype: disable=signature-mismatch
+    return super().__call__(x, train=train), None
+
+
 class ViT(nn.Module):
   """ViT feature extractor -> [B, width]: the class token (`pool='token'`) or token mean ('gap').
 
   Defaults are ViT-B/16; `VARIANTS` holds the other sizes. Position embeddings are sized at init
-  by the image size seen then.
+  by the image size seen then. `scan=True` runs the encoder blocks as one `nn.scan` (parameters
+  stacked on a leading [depth] axis under `blocks`, as big_vision's `scan=True` ViT does), so XLA
+  compiles one block instead of `depth` copies: compile time and program size stop growing with
+  depth (a pod-sized ViT-L/32 compiles in minutes). Same function as `scan=False` given the same
+  per-block weights; the parameter tree differs (`blocks/...` [depth, ...] vs `block{i}/...`).
   """
   width: int = 768
   depth: int = 12
@@ -66,6 +77,7 @@ class ViT(nn.Module):
   pool: str = 'token'
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  scan: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -81,9 +93,16 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c)), x], axis=1)
     pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
     x = nn.Dropout(self.dropout, deterministic=not train)(x + pos.astype(x.dtype))
-    for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                       name=f'block{i}')(x, train=train)
+    if self.scan:
+      blocks = nn.scan(_ScannedBlock, variable_axes={'params': 0},
+                       split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
+                       length=self.depth)
+      x, _ = blocks(self.num_heads, self.mlp_dim, self.dropout, self.dtype, name='blocks')(
+          x, train)
+    else:
+      for i in range(self.depth):
+        x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                         name=f'block{i}')(x, train=train)
     x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x)
     x = x[:, 0] if self.pool == 'token' else jnp.mean(x, axis=1)
     return x.astype(jnp.float32)

@@ -247,7 +247,8 @@ def hetxl_head(c: ConfigDict, *, kind: str = 'hetxl', num_factors: int, link: st
 def vit_pretraining(c: ConfigDict, *, backbone: str, num_classes: int, setup_hint: str,
                     learning_rate: float, num_steps: int) -> ConfigDict:
   """Large-scale ViT pre-training on a private / prepared ArrayRecord dataset (JFT, ImageNet-21k):
-  224 px inception crop, bf16, batch 4096, AdamW wd 0.1, clip 1.0, 10k warmup then cosine."""
+  224 px inception crop, bf16, batch 4096, AdamW wd 0.1, clip 1.0, 10k warmup then cosine; the
+  encoder blocks run as one `nn.scan` (`backbone_kwargs.scan`)."""
   c.dataset.name = 'arrayrecord'
   c.dataset.data_dir = ''
   c.dataset.num_classes = num_classes
@@ -261,6 +262,7 @@ def vit_pretraining(c: ConfigDict, *, backbone: str, num_classes: int, setup_hin
   c.input.eval_preprocess = 'center_crop'
   c.input.num_workers = 16
   c.model.backbone = backbone
+  c.model.backbone_kwargs.scan = True  # XLA compiles one encoder block, not one per layer
   c.model.dtype = 'bfloat16'
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = learning_rate

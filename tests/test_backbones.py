@@ -336,3 +336,24 @@ def test_bad_options_raise():
     _abstract_init(build_backbone('resnet18', stem='tiny'), (1, 32, 32, 3))
   with pytest.raises(ValueError, match='pool'):
     _abstract_init(build_backbone('vit_ti16', pool='max'), (1, 32, 32, 3))
+
+
+def test_vit_scan_equals_unrolled_blocks_with_the_same_weights(tiny_vit):
+  """`scan=True` stacks the per-block weights under `blocks`; with the unrolled model's weights
+  stacked in block order it computes the same features, and its gradients are the stacked ones."""
+  module, variables, x = tiny_vit
+  params = dict(variables['params'])
+  unrolled = [params.pop(f'block{i}') for i in range(2)]
+  scanned = {'params': {**params, 'blocks': jax.tree.map(lambda *b: jnp.stack(b), *unrolled)}}
+  scan_module = _tiny_vit(scan=True)
+  assert (jax.tree.structure(_abstract_init(scan_module, x.shape))
+          == jax.tree.structure(scanned))
+  np.testing.assert_allclose(scan_module.apply(scanned, x, train=False),
+                             module.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
+  r = jax.random.normal(_key(3), (2, 192))  # a random readout (LN makes sum(out**2) constant)
+  loss = lambda m, v: jnp.sum(m.apply(v, x, train=False) * r)
+  g_unrolled = jax.jit(jax.grad(functools.partial(loss, module)))(variables)['params']
+  g_scanned = jax.jit(jax.grad(functools.partial(loss, scan_module)))(scanned)['params']['blocks']
+  for i in range(2):
+    jax.tree.map(lambda s, u: np.testing.assert_allclose(s[i], u, rtol=1e-4, atol=1e-5),
+                 g_scanned, g_unrolled[f'block{i}'])
