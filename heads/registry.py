@@ -10,15 +10,22 @@ _HEADS = {
     'soc': 'soc.head:SOCHead',
     'llc_codebook': 'llc.heads:CodebookHead',
     'llc_instance': 'llc.heads:InstanceCodeHead',
+    'contrastive': 'hetxl.contrastive:ContrastiveHead',
 }
 
 
-def build_head(name: str, num_classes: int, **kwargs) -> nn.Module:
-  """Returns the head module registered under `name`."""
+def build_head(name: str, num_classes: int, dataset=None, **kwargs) -> nn.Module:
+  """Returns the head module registered under `name`. A head class with a `from_dataset`
+  constructor (one that needs the dataset's class names, e.g. for captions) is built by it
+  from the `dataset` config."""
   if name not in _HEADS:
     raise ValueError(f'unknown head {name!r}; known heads: {sorted(_HEADS)}')
   module_name, cls_name = _HEADS[name].split(':')
   cls = getattr(importlib.import_module(module_name), cls_name)
+  if hasattr(cls, 'from_dataset'):
+    if dataset is None:
+      raise ValueError(f'head {name!r} is built from a dataset config; pass dataset=')
+    return cls.from_dataset(dataset, num_classes, **kwargs)
   return cls(num_classes=num_classes, **kwargs)
 
 

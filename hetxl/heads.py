@@ -51,7 +51,7 @@ deterministic, with the same params as 'mc' (checkpoints are interchangeable). T
 Eval (`train=False`) uses `eval_mc_samples`; without the noise rngs it uses a fixed key, so
 repeated evals agree. `return_locs=True` returns mu (not divided by tau) and no MC is run.
 """
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +91,53 @@ def _mm(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
+class NoiseScales(NamedTuple):
+  """The x-dependent scales of the Gaussian noise on an n-dim vector (n = K for HET, D for
+  HET-XL): eps = V(x) eps_R + d(x) * eps_n, with V(x) = `scale` [B, n, R] (full variant) or
+  V(x) eps_R = (J eps_R + b_J) * v(x) (parameter-efficient: `v` [B, n], J = `hom_k` [R, n],
+  b_J = `hom_b` [n]); `d` [B, n] = softplus(.) + MIN_SCALE. Unused fields are None."""
+  d: jax.Array
+  v: Optional[jax.Array] = None
+  scale: Optional[jax.Array] = None
+  hom_k: Optional[jax.Array] = None
+  hom_b: Optional[jax.Array] = None
+
+
+def noise_layers(in_features: int, n: int, num_factors: int, parameter_efficient: bool,
+                 shard: bool = False) -> Callable[[jax.Array, Any], NoiseScales]:
+  """Creates the noise layers inside the calling compact module (edward2's names:
+  `scale_layer` or `scale_layer_homoscedastic` + `scale_layer_heteroscedastic`, and
+  `diag_layer`) and returns `scales(x [B, in_features], compute_dtype) -> NoiseScales`.
+
+  Shared by the HET / HET-XL heads and the contrastive HET-XL head (`hetxl.contrastive`).
+  """
+  R = num_factors
+  if R and parameter_efficient:
+    hom_k, hom_b = _DenseParams(R, n, shard, name='scale_layer_homoscedastic')()
+    het_k, het_b = _DenseParams(in_features, n, shard, name='scale_layer_heteroscedastic')()
+  elif R:
+    scale_k, scale_b = _DenseParams(in_features, n * R, shard, name='scale_layer')()
+  diag_k, diag_b = _DenseParams(in_features, n, shard, name='diag_layer')()
+
+  def scales(x: jax.Array, cd: Any) -> NoiseScales:
+    d = jax.nn.softplus(_mm('bd,dn->bn', x, diag_k, cd) + diag_b) + MIN_SCALE     # [B, n]
+    if R and parameter_efficient:
+      v = _mm('bd,dn->bn', x, het_k, cd) + het_b                                   # [B, n]
+      return NoiseScales(d, v=v, hom_k=hom_k, hom_b=hom_b)
+    if R:
+      scale = (_mm('bd,dm->bm', x, scale_k, cd) + scale_b).reshape(x.shape[0], n, R)
+      return NoiseScales(d, scale=scale)                                            # [B, n, R]
+    return NoiseScales(d)
+  return scales
+
+
+def low_rank_noise(s: NoiseScales, eps_r: jax.Array, cd: Any) -> jax.Array:
+  """V(x) eps_R (+ the PE noise mean b_J * v(x)) for draws eps_r [B, C, R]: [B, C, n]."""
+  if s.v is not None:
+    return (_mm('bcr,rn->bcn', eps_r, s.hom_k, cd) + s.hom_b) * s.v[:, None, :]
+  return _mm('bnr,bcr->bcn', s.scale, eps_r, cd)
+
+
 class _HeteroscedasticHead(nn.Module):
   """Shared implementation; `_latent_noise` selects HET-XL (noise in pre-logit space)."""
   num_classes: int
@@ -127,6 +174,19 @@ class _HeteroscedasticHead(nn.Module):
     """Mean and variance [B, K] of each pre-temperature logit u_k, in closed form (what
     `mc_method='quadrature'` integrates over; any link, no samples)."""
     return self._run(x, None, train, 'marginals')
+
+  def ood_scores(self, x: jax.Array, logits: jax.Array) -> Dict[str, jax.Array]:
+    """'mc_entropy' [B], nats: the entropy of the MC predictive distribution
+    p = mean_s link(u_s / tau) that `logits` (the head's eval output) encodes; for the sigmoid
+    link the sum over classes of each class's Bernoulli entropy. Higher = more likely OOD."""
+    del x
+    logits = logits.astype(jnp.float32)
+    if self.link == 'softmax':
+      log_p = jax.nn.log_softmax(logits)
+      return {'mc_entropy': -jnp.sum(jnp.exp(log_p) * log_p, -1)}
+    p = jax.nn.sigmoid(logits)
+    return {'mc_entropy': -jnp.sum(p * jax.nn.log_sigmoid(logits)
+                                   + (1 - p) * jax.nn.log_sigmoid(-logits), -1)}
 
   def draw_noise(self, x: jax.Array, *, train: bool = False) -> Dict[str, jax.Array]:
     """The standard-normal draws the head uses for `x` with the same rngs (materialised).
@@ -178,14 +238,8 @@ class _HeteroscedasticHead(nn.Module):
     shard = not latent              # HET's noise layers have a class dimension
 
     # Parameters (all created whatever the options, so the param tree never changes).
-    hom_k = hom_b = v = scale = None
     w, b = _DenseParams(dim, K, True, self.head_bias_init, name='loc_layer')()
-    if R and self.parameter_efficient:
-      hom_k, hom_b = _DenseParams(R, n, shard, name='scale_layer_homoscedastic')()
-      het_k, het_b = _DenseParams(dim, n, shard, name='scale_layer_heteroscedastic')()
-    elif R:
-      scale_k, scale_b = _DenseParams(dim, n * R, shard, name='scale_layer')()
-    diag_k, diag_b = _DenseParams(dim, n, shard, name='diag_layer')()
+    noise_scales = noise_layers(dim, n, R, self.parameter_efficient, shard)
     if self.learn_temperature:
       tau = BoundedTemperature(self.temperature_bounds, name='temperature')()
     else:
@@ -197,11 +251,8 @@ class _HeteroscedasticHead(nn.Module):
       return HeadOutput(mu, loss)
 
     # x-dependent noise scales.
-    d = jax.nn.softplus(_mm('bd,dn->bn', x, diag_k, cd) + diag_b) + MIN_SCALE     # [B, n]
-    if R and self.parameter_efficient:
-      v = _mm('bd,dn->bn', x, het_k, cd) + het_b                                   # [B, n]
-    elif R:
-      scale = (_mm('bd,dm->bm', x, scale_k, cd) + scale_b).reshape(batch, n, R)    # [B, n, R]
+    scales = noise_scales(x, cd)
+    d, v, scale, hom_k, hom_b = scales
 
     if mode == 'marginals' or (self.mc_method == 'quadrature' and mode == 'head'):
       mean, var = self._marginals(mu, w, d, hom_k, hom_b, v, scale)
@@ -231,10 +282,7 @@ class _HeteroscedasticHead(nn.Module):
           diag_noise(idx), (batch, num_samples, 1 if rank1 else n))}
 
     def low_rank(idx):       # V eps_R (+ PE mean), [B, C, n]
-      e = mc.take_samples(eps_r, idx)
-      if self.parameter_efficient:
-        return (_mm('bcr,rn->bcn', e, hom_k, cd) + hom_b) * v[:, None, :]
-      return _mm('bnr,bcr->bcn', scale, e, cd)
+      return low_rank_noise(scales, mc.take_samples(eps_r, idx), cd)
 
     if not latent:
       def sample_fn(idx):

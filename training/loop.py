@@ -40,7 +40,7 @@ def make_train_step(exp: Experiment):
     def loss_fn(params):
       out, mutated = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, batch['image'], batch['label'],
-          train=True, rngs=rngs, mutable=['batch_stats', 'head_metrics'])
+          train=True, mask=mask, rngs=rngs, mutable=['batch_stats', 'head_metrics'])
       loss = jnp.sum(out.loss * mask) / jnp.maximum(jnp.sum(mask), 1.0)
       return loss, (out.logits, mutated)
 

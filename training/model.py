@@ -11,7 +11,7 @@ from heads.base import HeadOutput
 from heads.registry import build_head
 
 # Every rng stream a module may ask for; each gets its own key per step.
-RNG_STREAMS = ('dropout', 'diag_noise_samples', 'standard_norm_noise_samples')
+RNG_STREAMS = ('dropout', 'diag_noise_samples', 'standard_norm_noise_samples', 'captions')
 
 
 class Classifier(nn.Module):
@@ -27,8 +27,11 @@ class Classifier(nn.Module):
     return self.backbone(x, train=train)
 
   def __call__(self, images: jax.Array, labels: Optional[jax.Array] = None, *,
-               train: bool = False) -> HeadOutput:
-    return self.head(self.features(images, train=train), labels, train=train)
+               train: bool = False, mask: Optional[jax.Array] = None) -> HeadOutput:
+    """`mask` [B] (1 = real example) goes to heads whose loss couples the examples of a
+    batch (`in_batch_loss`, e.g. contrastive); per-example losses are masked by the trainer."""
+    extra = {'mask': mask} if getattr(self.head, 'in_batch_loss', False) else {}
+    return self.head(self.features(images, train=train), labels, train=train, **extra)
 
 
 def build_model(config: ml_collections.ConfigDict) -> Classifier:
@@ -36,7 +39,8 @@ def build_model(config: ml_collections.ConfigDict) -> Classifier:
   m = config.model
   dtype = jnp.dtype(m.dtype)
   backbone = build_backbone(m.backbone, dtype=dtype, **m.backbone_kwargs.to_dict())
-  head = build_head(m.head, config.dataset.num_classes, **m.head_kwargs.to_dict())
+  head = build_head(m.head, config.dataset.num_classes, dataset=config.dataset,
+                    **m.head_kwargs.to_dict())
   why_not = getattr(head, 'label_sets_unsupported', None)
   if config.dataset.multi_label and why_not:
     raise ValueError(f'model.head={m.head!r} cannot train on multi-label data '
