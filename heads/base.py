@@ -18,6 +18,11 @@ the class attribute `link` ('softmax' or 'sigmoid'); a head that cannot train on
 says why in the class attribute `label_sets_unsupported` (a sentence), and a config with
 `dataset.multi_label` is refused when the model is built; extra scalars to log (a temperature, say)
 go to `self.sow('head_metrics', name, value)`.
+
+Every head also has `ood_scores(features, logits) -> {name: [B] float32}`: its own
+out-of-distribution scores (HET / HET-XL 'mc_entropy', SOC 'max_log_density', LLC
+'llc_no_match'; {} for DET), oriented so that higher = more likely out-of-distribution.
+`evaluation.ood` adds the scores every head shares (MSP, entropy, max logit) from the logits.
 """
 from typing import NamedTuple, Optional
 

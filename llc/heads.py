@@ -58,6 +58,22 @@ def _resolver(file_field: str):
   return staticmethod(resolve_kwargs)
 
 
+def nearest_code_distance(codes: jax.Array, class_bits: jax.Array) -> jax.Array:
+  """Hamming distance [B] from each instance code (bool [B, k]) to the nearest class code
+  (bool [L, k]), as (k - s_x . s_c) / 2 with s = +-1 (a matmul, no [B, L, k] tensor). 0 means
+  an exact match; > 0 is LLC's "no class code matches" (an OOD flag, Kusupati et al. 2021)."""
+  signs = lambda b: 2.0 * b.astype(jnp.float32) - 1.0
+  agree = signs(codes) @ signs(class_bits).T
+  return (codes.shape[-1] - jnp.max(agree, axis=-1)) / 2.0
+
+
+def _no_match(module: nn.Module, x: jax.Array, class_bits: jax.Array) -> dict:
+  """{'llc_no_match': distance of sign(projection(x)) to the nearest class code}, [B]."""
+  kernel = nn.meta.unbox(module.variables['params']['projection']['kernel'])
+  return {'llc_no_match': nearest_code_distance(x.astype(jnp.float32) @ kernel >= 0,
+                                                class_bits)}
+
+
 class CodebookHead(nn.Module):
   """Phase 1: logits = z @ sign(C)^T with a learnt real codebook C [L, k] (straight-through).
 
@@ -96,6 +112,12 @@ class CodebookHead(nn.Module):
                                                              self.label_smoothing)
     return HeadOutput(logits, loss)
 
+  def ood_scores(self, x: jax.Array, logits: jax.Array) -> dict:
+    """'llc_no_match' [B]: Hamming distance from the instance code sign(z) to the nearest
+    class code sign(C) (`nearest_code_distance`; > 0 = no class code matches)."""
+    del logits
+    return _no_match(self, x, nn.meta.unbox(self.variables['params']['codebook']) > 0)
+
 
 class InstanceCodeHead(nn.Module):
   """Phase 2: per-bit logits o [B, k] trained with BCE towards the fixed class code of the label.
@@ -128,3 +150,9 @@ class InstanceCodeHead(nn.Module):
     if labels is not None:
       loss = jnp.mean(optax.sigmoid_binary_cross_entropy(o, targets[labels]), axis=-1)
     return HeadOutput(logits, loss)
+
+  def ood_scores(self, x: jax.Array, logits: jax.Array) -> dict:
+    """'llc_no_match' [B]: Hamming distance from the instance code (o >= 0) to the nearest
+    fixed class code (`nearest_code_distance`; > 0 = no class code matches, llc.ood's flag)."""
+    del logits
+    return _no_match(self, x, nn.meta.unbox(self.variables['batch_stats']['class_codes']) > 0)

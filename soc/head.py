@@ -75,6 +75,12 @@ class SOCHead(nn.Module):
           'class_scales', class_sharded(nn.initializers.ones, class_axis=0),
           (self.num_classes, self.dims))
 
+  def ood_scores(self, x: jax.Array, logits: jax.Array) -> dict:
+    """'max_log_density' [B]: minus the log density of the nearest class Gaussian (the
+    largest logit), so higher = farther from every class = more likely OOD."""
+    del x
+    return {'max_log_density': -max_log_density(logits)}
+
   def embed(self, x: jax.Array) -> jax.Array:
     """Backbone features [B, D] -> class-embedding space [B, m]."""
     return self.projection(x)

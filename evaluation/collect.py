@@ -1,0 +1,49 @@
+"""One pass of a trained model over a dataset, keeping per-example outputs on the host.
+
+The read-only evaluators (`evaluation.ood`, `evaluation.fewshot`) call `collect` with what to
+compute per batch; padding is removed and rows come back in the source's order, on any number
+of processes (every process gets every row).
+"""
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from input_pipeline.pipeline import device_batches
+from training.experiment import Experiment
+from training.mesh import batch_sharding
+from evaluation.evaluator import EVAL_SEED
+from training.model import step_rngs
+
+
+def collect(exp: Experiment, variables: dict, fn: Callable[[Any, Any], dict],
+            source: Any = None, image_size: Optional[int] = None) -> dict:
+  """{name: [N, ...]} of `fn(module, images)` (a method applied to the bound Classifier, e.g.
+  `lambda m, x: {'features': m.features(x)}`) over the eval split, or over `source`; plus
+  'label' [N]. `image_size`: resize every image to this side first (another dataset fed to a
+  model trained at that size); default: the config's own eval preprocessing."""
+  model = exp.model
+  if image_size:
+    config = exp.config.copy_and_resolve_references()
+    config.input.image_size, config.input.eval_preprocess = image_size, 'resize'
+    exp = dataclasses.replace(exp, config=config)
+
+  def step(params, batch_stats, batch):
+    out = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
+                      method=fn, rngs=step_rngs(jax.random.key(EVAL_SEED), 0))
+    return {**out, 'label': batch['label'], 'mask': batch['mask'], 'index': batch['index']}
+
+  step = jax.jit(step, in_shardings=(exp.shardings.params, exp.shardings.batch_stats,
+                                     batch_sharding(exp.mesh)),
+                 out_shardings=NamedSharding(exp.mesh, P()))
+  columns = {}
+  for batch in device_batches(iter(exp.eval_dataset(source)), batch_sharding(exp.mesh)):
+    for k, v in jax.device_get(step(variables['params'], variables['batch_stats'],
+                                    batch)).items():
+      columns.setdefault(k, []).append(np.asarray(v))
+  c = {k: np.concatenate(v) for k, v in columns.items()}
+  keep = c.pop('mask') > 0
+  order = np.argsort(c.pop('index')[keep])
+  return {k: v[keep][order] for k, v in c.items()}
