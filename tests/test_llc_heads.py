@@ -314,6 +314,9 @@ def test_end_to_end_phase1_export_phase2_evaluate(tmp_path, capsys):
     precision = np.cumsum(hits) / np.arange(1, 51)
     aps.append((precision * hits).sum() / hits.sum() if hits.any() else 0.0)
   assert again['map@50'] == pytest.approx(np.mean(aps), abs=1e-9)
+  found = np.array([a > 0 for a in aps])   # AP > 0 iff something relevant is in the top 50
+  assert again['map@50_hashnet'] == pytest.approx(np.mean(np.array(aps)[found]), abs=1e-9)
+  assert again['retrieval_queries_without_relevant'] == int(np.sum(~found))
   with pytest.raises(ValueError, match='phase-2 workdirs only'):
     evaluate_llc(p1_config, p1_dir, retrieval_topk=50)
 
