@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -16,6 +17,19 @@ from training.experiment import Experiment
 from training.mesh import batch_sharding
 from evaluation.evaluator import EVAL_SEED
 from training.model import step_rngs
+
+
+def prepared_dataset(config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
+  """A copy of `config.dataset` pointing at the prepared dataset in `data_dir` (every class,
+  its own class count, clean labels, single-label, splits 'train' / 'test'), decoded to the
+  config's channels. Raises FileNotFoundError when `data_dir` holds no prepared dataset."""
+  from input_pipeline.sources import dataset_facts
+  ds = ml_collections.ConfigDict(config.dataset.to_dict())
+  ds.name, ds.data_dir, ds.tfds_name, ds.setup_hint = 'arrayrecord', data_dir, '', ''
+  ds.classes, ds.ood_classes, ds.label_noise = (), (), 0.0
+  ds.train_split, ds.eval_split, ds.multi_label, ds.max_labels = 'train', 'test', False, 0
+  ds.num_classes = dataset_facts(ds).num_classes
+  return ds
 
 
 def collect(exp: Experiment, variables: dict, fn: Callable[[Any, Any], dict],

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from evaluation.collect import collect
+from evaluation.collect import collect, prepared_dataset
 from heads.base import probabilities
 
 
@@ -79,11 +79,7 @@ def ood_dataset(config: ml_collections.ConfigDict, spec: str) -> tuple:
   name, sep, path = spec.partition('=')
   if not sep or not name or not path:
     raise ValueError(f"--ood={spec!r}: use 'heldout' or NAME=DIR (a prepared dataset)")
-  from input_pipeline.sources import dataset_facts
-  ds.name, ds.data_dir, ds.classes, ds.setup_hint = 'arrayrecord', path, (), ''
-  ds.eval_split, ds.multi_label, ds.max_labels = 'test', False, 0
-  ds.num_classes = dataset_facts(ds).num_classes
-  return name, ds, True
+  return name, prepared_dataset(config, path), True
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, specs: Sequence[str],
