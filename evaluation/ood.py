@@ -16,7 +16,7 @@ head's own (`head.ood_scores`, heads/base.py): HET / HET-XL `mc_entropy`, SOC
 uncertainty-baselines reports them: AUROC (sklearn `roc_auc_score`), AUPR
 (`average_precision_score`, OOD positive) and FPR95 (the fraction of in-distribution examples
 flagged at the highest threshold that flags >= 95% of the OOD examples). Prints one markdown
-table (head, OOD set, score, AUROC, AUPR, FPR95) and writes the rows as JSON to `--out`.
+table (a line per head and OOD set, a column per score) and writes the rows as JSON to `--out`.
 """
 import json
 from typing import Sequence
@@ -28,6 +28,9 @@ import numpy as np
 
 from evaluation.collect import collect, prepared_dataset
 from heads.base import probabilities
+
+
+SHARED = ('msp', 'entropy', 'max_logit')   # the scores every head has (`logit_scores`)
 
 
 def logit_scores(link: str, logits: jax.Array) -> dict:
@@ -100,7 +103,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, specs: Seq
       source = Subset(source, max_examples)
     scores_out = collect(exp, variables, all_scores, source,
                          image_size=exp.image_shape[0] if resize else None)
-    for score in (k for k in scores_in if k != 'label'):
+    own = sorted(k for k in scores_in if k not in SHARED + ('label',))
+    for score in SHARED + tuple(own):
       rows.append({'ood': name, 'score': score, 'step': int(step),
                    'num_in': len(scores_in[score]), 'num_out': len(scores_out[score]),
                    **detection_metrics(scores_in[score], scores_out[score])})
@@ -108,11 +112,20 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, specs: Seq
 
 
 def table(rows: list[dict]) -> str:
-  lines = ['| head | OOD data | score | AUROC | AUPR | FPR95 | in / out examples |',
-           '|---|---|---|---:|---:|---:|---:|']
-  lines += [f"| {r['head']} | {r['ood']} | {r['score']} | {r['auroc']:.4f} | {r['aupr']:.4f} "
-            f"| {r['fpr95']:.4f} | {r['num_in']} / {r['num_out']} |" for r in rows]
-  return '\n'.join(lines)
+  """Markdown, one line per (head, OOD data): AUROC / AUPR / FPR95 of each shared score and
+  of the head's own."""
+  groups = {}
+  for r in rows:
+    groups.setdefault((r['head'], r['ood']), {})[r['score']] = r
+  cell = lambda r: f"{r['auroc']:.3f} / {r['aupr']:.3f} / {r['fpr95']:.3f}"
+  lines = ['| head | OOD data | in / out | ' + ' | '.join(SHARED) + ' | own score |',
+           '|---|---|---|' + '---|' * (len(SHARED) + 1)]
+  for (head, data), scores in groups.items():
+    own = [f'{k}: {cell(r)}' for k, r in scores.items() if k not in SHARED]
+    first = next(iter(scores.values()))
+    lines.append(f"| {head} | {data} | {first['num_in']} / {first['num_out']} | " +
+                 ' | '.join(cell(scores[k]) for k in SHARED) + f" | {'; '.join(own) or '-'} |")
+  return '\n'.join(['cells: AUROC / AUPR / FPR95 (OOD positive)', *lines])
 
 
 def main(argv) -> None:
