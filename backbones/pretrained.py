@@ -7,6 +7,8 @@ big_vision saves parameters as one `.npz` whose keys are the '/'-joined paramete
     LayerNorm_1, MlpBlock_0/Dense_{0,1}}`, `Transformer/encoder_norm`), including the older
     files big_vision's `fix_old_checkpoints` accepts (pre-Linen module numbering such as
     `MlpBlock_3`, `Transformer/posembed_input/pos_embedding` with the class-token row first).
+    A scanned ViT (`scan=True`, blocks stacked [depth, ...]) takes the file's per-block arrays
+    stacked, or a scanned file's `Transformer/encoderblock/...` arrays as they are.
     The grid of position embeddings is resampled bilinearly (`resample_posemb`, as big_vision's:
     `scipy.ndimage.zoom(order=1)`) when the image size or patch size gives another grid.
   * BiT (`backbones.bit.BiT`, ResNet-v2) from big_vision's `models/bit_paper.py` names, or from
@@ -86,7 +88,7 @@ def _side(n: int, where: str) -> int:
 
 
 # Each converter: (checkpoint, target) -> ({our name: value} for the names found, {our name:
-# its name in the file, or the name looked for}).
+# its name(s) in the file, or the name looked for}).
 
 # ----- ViT: our name -> big_vision name (regex rules applied in order, first match).
 _VIT_NAMES = (
@@ -110,10 +112,29 @@ def _vit(checkpoint: Flat, target: Flat) -> Tuple[Flat, Dict[str, str]]:
   names = {ours: _rename(ours, _VIT_NAMES) for ours in target}
   names = {ours: linen.get(bv, bv) for ours, bv in names.items()}
   values = {ours: checkpoint[key] for ours, key in names.items() if key in checkpoint}
+  for ours in (k for k in target if k.startswith('blocks/')):   # scan=True: [depth, ...]
+    names[ours], value = _stacked(checkpoint, linen, ours[len('blocks/'):], target[ours].shape[0])
+    if value is not None:
+      values[ours] = value
   if 'pos_embedding' in values:
     values['pos_embedding'] = _vit_posemb(values['pos_embedding'], target['pos_embedding'],
                                           with_cls='cls' in target)
   return values, names
+
+
+def _stacked(checkpoint: Flat, linen: Dict[str, str], rest: str, depth: int):
+  """(file names, value [depth, ...] or None) of one parameter of a scanned ViT (`scan=True`):
+  the file's scanned `Transformer/encoderblock/...` array, or its `encoderblock_{i}` arrays
+  stacked; when absent, the first name missing."""
+  per_block = [_rename(f'block{i}/{rest}', _VIT_NAMES) for i in range(depth)]
+  scanned = per_block[0].replace('encoderblock_0/', 'encoderblock/')
+  if scanned in checkpoint:
+    return scanned, checkpoint[scanned]
+  keys = [linen.get(name, name) for name in per_block]
+  absent = [k for k in keys if k not in checkpoint]
+  if absent:
+    return absent[0], None
+  return tuple(keys), np.stack([checkpoint[k] for k in keys])
 
 
 def _vit_posemb(pos: np.ndarray, target: np.ndarray, with_cls: bool) -> np.ndarray:
@@ -197,8 +218,8 @@ def load_backbone(path: str, backbone: object, target: Flat,
   checkpoint = read_npz(path)
   values, names = converter(checkpoint, target)
   wanted = list(target if wanted is None else wanted)
-  missing = [f'{names[k]} (for {k})' for k in wanted if k not in values]
-  wrong = [f'{names[k]}: {values[k].shape} in the file, {target[k].shape} in the model'
+  missing = [f'{_keys(names[k])[0]} (for {k})' for k in wanted if k not in values]
+  wrong = [f'{_keys(names[k])[0]}: {values[k].shape} in the file, {target[k].shape} in the model'
            for k in wanted if k in values and values[k].shape != target[k].shape]
   if missing or wrong:
     parts = []
@@ -210,9 +231,13 @@ def load_backbone(path: str, backbone: object, target: Flat,
         f'{path} does not fit backbone {type(backbone).__name__}: ' + '; '.join(parts) +
         '. Check model.backbone, model.backbone_kwargs and input.image_size against the '
         'checkpoint (or narrow train.init_prefixes).')
-  used = {names[k] for k in wanted}
+  used = {key for k in wanted for key in _keys(names[k])}
   return ({k: values[k].astype(target[k].dtype) for k in wanted},
           sorted(k for k in checkpoint if k not in used))
+
+
+def _keys(name) -> tuple:
+  return (name,) if isinstance(name, str) else tuple(name)
 
 
 def _listing(items: list, limit: int = 12) -> str:

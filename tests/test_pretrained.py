@@ -279,3 +279,16 @@ def test_bit_r50x1_parameter_count():
   shapes = jax.eval_shape(lambda: build_backbone('bit_r50x1').init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 25_549_352 - 2_049_000
+
+
+def test_scanned_vit_loads_stacked_blocks(tmp_path):
+  """ViT(scan=True) keeps the blocks stacked [depth, ...]: the file's per-block arrays are
+  stacked, and the forward pass equals the numpy reference."""
+  rng = np.random.default_rng(5)
+  images = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+  f = _vit_file(rng, 2)
+  module = ViT(width=W, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP, patch_size=P, scan=True)
+  params, unused = _load(tmp_path, f, module, images)
+  np.testing.assert_allclose(_apply(params, images, module), _np_vit(f, images.astype(np.float64)),
+                             rtol=2e-4, atol=2e-4)
+  assert unused == ['head/bias', 'head/kernel', 'pre_logits/kernel']
