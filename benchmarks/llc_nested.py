@@ -97,7 +97,8 @@ def table(inst_bits: np.ndarray, labels: np.ndarray, class_bits: np.ndarray, siz
 
 def main(argv) -> None:
   del argv
-  config = _CONFIG.value
+  from configs.resolve import resolve
+  config = resolve(_CONFIG.value)
   k = config.model.head_kwargs.bits
   sizes = [int(m) for m in _SIZES.value]
   if any(not 1 <= m <= k for m in sizes):
@@ -111,7 +112,7 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'phase-2 config of --workdir (k bits)',
                                             lock_config=True)
@@ -122,4 +123,5 @@ if __name__ == '__main__':
   _TRAINED = flags.DEFINE_multi_string('trained', [], 'm=DIR: phase-2 workdir trained at m '
                                        'bits, with its llc_eval.json (repeatable)')
   flags.mark_flags_as_required(['config', 'workdir', 'sizes'])
-  app.run(main)
+  from launch import cli   # --config defaults to the workdir's config.json
+  cli.run(main)

@@ -4,16 +4,19 @@ Run (CPU, about a minute on 2 cores):
   python -m launch.main --config=configs/quickstart.py --workdir=/tmp/quickstart
 Expected: final eval accuracy >= 0.97 on the 360 held-out digits, NLL ~0.1, ECE < 0.03.
 Then `--mode=eval` on the same workdir prints the same numbers.
-Variants: `:runlocal` (a few steps, for tests), `:temperature` (learnt bounded temperature).
+Variants: `:runlocal` (a few steps, for tests), `:temperature` (learnt bounded temperature),
+`:data=DIR` (the same small convnet on any prepared dataset: classes, channels, size and pixel
+statistics read from DIR/metadata.json; a quick first model on your own data).
 """
 from configs import base
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['runlocal', 'temperature'])
+  args = base.parse_arg(arg, ['runlocal', 'temperature', 'data'])
   c = base.base_config()
-  c.dataset.name = 'digits'
-  c.dataset.num_classes = 10
+  c.dataset.name = 'digits'        # 10 classes, 8x8 gray (num_classes etc. from the data)
+  if 'data' in args:
+    base.prepared_dataset(c, '', args['data'])
   c.input.batch_size = 64
   c.input.eval_batch_size = 128
   c.model.backbone = 'convnet'

@@ -196,7 +196,10 @@ def _modules(config: ConfigDict, notes: list) -> None:
   from heads.registry import head_class, resolve_head_kwargs
   m = config.model
   kwargs = m.head_kwargs.to_dict()
-  resolved = resolve_head_kwargs(m.head, config.dataset.num_classes, kwargs)
+  try:
+    resolved = resolve_head_kwargs(m.head, config.dataset.num_classes, kwargs)
+  except ValueError as e:   # a head's own check (e.g. an LLC codebook of the wrong shape)
+    raise ConfigError(f'model.head_kwargs: {e}') from None
   for key, value in resolved.items():
     if kwargs.get(key) != value:
       m.head_kwargs[key] = value

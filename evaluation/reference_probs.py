@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
@@ -100,4 +100,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'trained workdir (latest checkpoint)')
   flags.DEFINE_string('out', None, '.npy file to write')
   flags.mark_flags_as_required(['config', 'workdir', 'out'])
-  app.run(main)
+  from launch import cli   # --config defaults to the workdir's config.json
+  cli.run(main)

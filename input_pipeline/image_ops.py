@@ -108,6 +108,19 @@ def decode(image_bytes: bytes, channels: int = 3) -> np.ndarray:
   return _from_pil(_convert(_upright_8bit(_open(image_bytes, channels)), channels))
 
 
+def pixel_sums(image_bytes: bytes) -> tuple[str, tuple[int, int, int], dict]:
+  """`inspect`, plus the image's pixel sums as `decode` makes them for 1 and 3 channels:
+  {c: (sum [c], sum of squares [c], pixels)} of values in [0, 1] (dataset statistics)."""
+  with Image.open(io.BytesIO(image_bytes)) as im:
+    fmt = im.format or '?'
+    upright = _upright_8bit(im)
+    sums = {}
+    for c in (1, 3):
+      x = _from_pil(_convert(upright, c)).reshape(-1, c).astype(np.float64) / 255.0
+      sums[c] = (x.sum(0), (x * x).sum(0), len(x))
+    return fmt, (upright.size[1], upright.size[0], len(upright.getbands())), sums
+
+
 def inspect(image_bytes: bytes) -> tuple[str, tuple[int, int, int]]:
   """(format, (h, w, c)) of the image `decode` makes of these bytes (c: 1 gray, 2 gray+alpha,
   3, 4), decoding it fully; raises what `decode` raises, or Pillow's error."""

@@ -226,6 +226,64 @@ def _trip_count(w: _Instr, comps: Dict[str, List[_Instr]], defs: Dict[str, _Inst
   return max(stop - start, 0)
 
 
+def _sliced_read(param: str, body: List[_Instr]) -> Optional[float]:
+  """Bytes read of fusion parameter `param` when every use slices it, else None."""
+  uses = [u for u in body if param in u.operands]
+  if uses and all(u.op in ('dynamic-slice', 'slice') and u.operands[0] == param for u in uses):
+    return sum(shape_bytes(u.shape) for u in uses)
+  return None
+
+
+def _in_place_update(out: _Instr, body_defs: Dict[str, _Instr]) -> Optional[Tuple[str, float]]:
+  """(buffer parameter, update bytes) when fusion output `out` is a dynamic-update-slice of a
+  fusion parameter (through bitcasts): XLA updates that buffer in place."""
+  if out.op != 'dynamic-update-slice' or len(out.operands) < 2:
+    return None
+  buf = body_defs.get(out.operands[0])
+  while buf is not None and buf.op == 'bitcast' and buf.operands:
+    buf = body_defs.get(buf.operands[0])
+  if buf is None or buf.op != 'parameter' or out.operands[1] not in body_defs:
+    return None
+  return buf.name, shape_bytes(body_defs[out.operands[1]].shape)
+
+
+def _access_bytes(i: _Instr, defs: Dict[str, _Instr], comps: Dict[str, List[_Instr]]) -> float:
+  """HBM bytes instruction `i` (outside fusions) reads and writes: operands + result, except
+  that slicing reads only the slice and a dynamic-update-slice writes only the update in place
+  (as XLA's HloCostAnalysis counts them). Without this a `scan` over stacked layer weights
+  [L, ...] would count the whole stack on every iteration, L times the real traffic."""
+  operand = lambda o: shape_bytes(defs[o].shape) if o in defs else 0.0
+  if i.op in ('dynamic-slice', 'slice'):
+    return 2 * shape_bytes(i.shape)
+  if i.op == 'dynamic-update-slice' and len(i.operands) > 1:
+    return 2 * operand(i.operands[1])
+  fused = re.findall(r'calls=%([\w.\-]+)', i.attrs) if i.op == 'fusion' else []
+  if not fused or fused[0] not in comps:
+    return shape_bytes(i.shape) + sum(operand(o) for o in i.operands)
+  body = comps[fused[0]]
+  body_defs = {b.name: b for b in body}
+  params = {int(b.args.strip()): b.name for b in body if b.op == 'parameter'}
+  root = next(b for b in reversed(body) if b.root)
+  outputs = [body_defs[o] for o in root.operands if o in body_defs] if root.op == 'tuple' \
+      else [root]
+  in_place, written = set(), 0.0
+  for out in outputs:
+    update = _in_place_update(out, body_defs)
+    if update:
+      in_place.add(update[0])
+      written += update[1]
+    else:
+      written += shape_bytes(out.shape)
+  read = 0.0
+  for k, o in enumerate(i.operands):
+    param = params.get(k)
+    if param in in_place:
+      continue
+    sliced = _sliced_read(param, body) if param else None
+    read += operand(o) if sliced is None else sliced
+  return written + read
+
+
 def loop_costs(text: str) -> LoopCosts:
   """Matmul FLOPs and bytes of the module in HLO `text`, loops once and at their trip counts."""
   comps, entry = parse_hlo(text)
@@ -254,8 +312,7 @@ def loop_costs(text: str) -> LoopCosts:
         flops += sum(_elements(defs[o].shape) for o in i.operands[:half] if o in defs) - \
             _elements(i.shape)
       if not fused and i.op not in _FREE:
-        nbytes += shape_bytes(i.shape) + sum(shape_bytes(defs[o].shape) for o in i.operands
-                                              if o in defs)
+        nbytes += _access_bytes(i, defs, comps)
       if i.op == 'while':
         trip = _trip_count(i, comps, defs)
         if trip is None and not loops:

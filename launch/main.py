@@ -14,10 +14,9 @@ On a cluster (TPU pod, multi-node GPU) every process runs the same command; the 
 distributed runtime is initialised from the environment the cluster sets.
 """
 import json
-import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from launch.distributed import initialize_distributed
@@ -37,25 +36,15 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   config = _CONFIG.value
-  from configs.resolve import ConfigError
-  from input_pipeline.sources import LabelError
-  from training.checkpointing import IncompatibleCheckpointError
-  from training.workdir import WorkdirInUseError
-  try:
-    if _MODE.value == 'train':
-      from training.loop import train_and_evaluate
-      train_and_evaluate(config, _WORKDIR.value)
-    else:
-      from evaluation.from_checkpoint import evaluate_checkpoint
-      record = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
-      print(json.dumps(record), flush=True)
-  except (FileNotFoundError, IncompatibleCheckpointError, WorkdirInUseError,
-          FloatingPointError, LabelError, ConfigError) as e:
-    # A problem with the inputs, not a bug: the message says what to do; no traceback.
-    logging.error('%s: %s', type(e).__name__, e)
-    sys.exit(f'error: {e}')
+  if _MODE.value == 'train':
+    from training.loop import train_and_evaluate
+    train_and_evaluate(config, _WORKDIR.value)
+  else:
+    from evaluation.from_checkpoint import evaluate_checkpoint
+    record = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+    print(json.dumps(record), flush=True)
 
 
 if __name__ == '__main__':
-  from configs.workdir import default_to_workdir
-  app.run(main, argv=default_to_workdir(sys.argv))
+  from launch import cli   # one-line errors for bad input; --config defaults to the workdir's
+  cli.run(main)

@@ -7,8 +7,30 @@ Single-label sources (one class per image; metadata.json says `multi_label: fals
   npz:TRAIN.npz[,TEST.npz]       packed-JPEG npz files (keys blob, offsets, labels, class_names);
                                  entries may also be named: npz:train=a.npz,val=b.npz
   folder --input_dir=ROOT        ROOT/<split>/<class>/<file>, or ROOT/<class>/<file> as 'train'
+  idx --input_dir=D              MNIST-format idx files (gzip or not): <prefix>-images-idx3-ubyte
+                                 + <prefix>-labels-idx1-ubyte per split (train, test; t10k =
+                                 test), as MNIST / Fashion-MNIST / KMNIST / EMNIST ship them;
+                                 images become lossless PNG, class names the label values
   tfds:NAME --tfds_data_dir=D    a TFDS dataset already on disk (array_record file format)
                                  whose label feature is a ClassLabel
+
+Class ids: a class's id is its position in the class list, printed at the end of every run
+(`class ids (...)`) and stored as metadata.json `class_names`. Folder names (and labels-file
+names) are sorted as numbers when all are integers ('2' before '10'), else as strings; npz
+files and tfds keep their own list; idx labels are their own ids.
+
+Held-out split: a source with only a training split (or any other) gets a new split of a seeded
+fraction of one with --holdout_split=test [--holdout_fraction=0.1] [--holdout_from=train]
+[--seed=0], stratified by class when the source knows the classes up front (folders, npz, idx):
+round(fraction * n) of a class's n images, at least 1 and at most n - 1 when n >= 2.
+
+Checks: an empty image file is skipped as "empty file (0 bytes)", bytes Pillow cannot read as
+"not an image file Pillow can read (first bytes)"; an npz or idx file that is empty, of another
+format or truncated stops the run saying so. Warnings (stderr, and metadata.json `warnings`):
+classes with no images, with fewer than 5 training images, or missing from a split that others
+have them in. metadata.json also records `channels` (the stored channel counts) and
+`pixel_stats` (per-channel mean / std of the training split, decoded to 1 and to 3 channels,
+in [0, 1]), which training normalises with by default.
 
 Multi-label sources (each image carries a set of 0, 1 or more classes; `multi_label: true`):
   folder --input_dir=ROOT --labels_file=FILE
@@ -67,6 +89,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import functools
+import gzip
 import io
 import itertools
 import json
@@ -74,15 +97,17 @@ import math
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import time
+import zipfile
 import zlib
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from input_pipeline import image_ops, records
 
@@ -107,6 +132,7 @@ class _Split:
   num_items: int
   num_bytes: int  # estimate, for the default number of shards
   items: Callable[[], Iterator[tuple[str, Fetch]]]  # (where it comes from, reader), in order
+  labels: Optional[Sequence[int]] = None  # each item's class, when known without reading it
 
 
 @dataclasses.dataclass
@@ -139,7 +165,11 @@ def _load_npz(paths: dict[str, str]) -> dict[str, _Npz]:
   """The packed-JPEG npz file of each split, checked to share one class list."""
   out, class_names = {}, None
   for split, path in paths.items():
-    with np.load(path, allow_pickle=False) as d:
+    with _open_npz(path) as d:
+      missing = [k for k in ('blob', 'offsets', 'labels', 'class_names') if k not in d.files]
+      if missing:
+        raise ValueError(f'{path}: an npz of packed images needs the arrays blob, offsets, '
+                         f'labels and class_names; it lacks {missing} (it has {d.files}).')
       names = [str(c) for c in d['class_names']]
       blob, offsets, labels = d['blob'], d['offsets'].astype(np.int64), d['labels'].astype(int)
       where = ([f'{path}:{p}' for p in d['paths']] if 'paths' in d.files else None)
@@ -151,6 +181,24 @@ def _load_npz(paths: dict[str, str]) -> dict[str, _Npz]:
       raise ValueError(f'{path}: class_names differ from those of the other npz files.')
     out[split] = _Npz(names, blob, offsets, labels, where)
   return out
+
+
+def _open_npz(path: str):
+  """np.load of an npz file, with a clear error when the file is missing, empty or not an npz
+  (a zip archive of .npy arrays): never numpy's advice about pickled data."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'npz file {path} does not exist.')
+  with open(path, 'rb') as f:
+    head = f.read(4)
+  if not head:
+    raise ValueError(f'{path} is empty (0 bytes), not an npz file.')
+  if head != b'PK\x03\x04':
+    kind = 'a .npy array' if head == b'\x93NUM' else f'a file starting with {head!r}'
+    raise ValueError(f'{path} is not an npz file (a zip archive of .npy arrays) but {kind}.')
+  try:
+    return np.load(path, allow_pickle=False)
+  except (ValueError, OSError, zipfile.BadZipFile) as e:
+    raise ValueError(f'{path} is not a readable npz file: {e}') from None
 
 
 def _npz_source(paths: dict[str, str]) -> _Source:
@@ -165,7 +213,7 @@ def _npz_source(paths: dict[str, str]) -> _Source:
                                   int(label))
         yield (where[i] if where else f'{path}[{i}]'), fetch
 
-    splits[split] = _Split(len(labels), int(offsets[-1] - offsets[0]), items)
+    splits[split] = _Split(len(labels), int(offsets[-1] - offsets[0]), items, labels.tolist())
   desc = 'packed-JPEG npz: ' + ', '.join(f'{s}={os.path.basename(p)}' for s, p in paths.items())
   return _Source(desc, class_names, splits)
 
@@ -181,6 +229,15 @@ def _read_file(path: str, label: int) -> tuple[int, bytes]:
 
 def _visible(root: str) -> list[str]:
   return sorted(n for n in os.listdir(root) if not n.startswith('.'))
+
+
+def class_order(names: Iterable[str]) -> list[str]:
+  """Class ids are positions in this list: names sorted as numbers when all are integers
+  ('2' before '10'), else as strings."""
+  names = set(names)
+  if names and all(re.fullmatch(r'[+-]?\d+', n) for n in names):
+    return sorted(names, key=lambda n: (int(n), n))
+  return sorted(names)
 
 
 def _folder_source(root: str) -> _Source:
@@ -201,7 +258,7 @@ def _folder_source(root: str) -> _Source:
     files[split] = {c: [f for f in _visible(os.path.join(sdir, c))
                         if os.path.isfile(os.path.join(sdir, c, f))]
                     for c in _visible(sdir) if os.path.isdir(os.path.join(sdir, c))}
-  class_names = sorted(set(itertools.chain.from_iterable(files.values())))
+  class_names = class_order(set(itertools.chain.from_iterable(files.values())))
   index = {c: i for i, c in enumerate(class_names)}
   splits = {}
   for split, by_class in files.items():
@@ -213,9 +270,88 @@ def _folder_source(root: str) -> _Source:
         yield path, functools.partial(_read_file, path, label)
 
     num_bytes = sum(os.path.getsize(p) for p, _ in paths)
-    splits[split] = _Split(len(paths), num_bytes, items)
+    splits[split] = _Split(len(paths), num_bytes, items, [label for _, label in paths])
   layout = '<split>/<class>/<file>' if nested else '<class>/<file> (one split: train)'
   return _Source(f'image folder {os.path.abspath(root)} ({layout})', class_names, splits)
+
+
+_IDX_TYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
+_IDX_FILE = re.compile(r'(?P<prefix>.+?)[-.](?P<kind>images|labels)[-.]idx(?P<dims>\d)[-.]ubyte'
+                       r'(?P<gz>\.gz)?$')
+
+
+def read_idx(path: str) -> np.ndarray:
+  """The array in an idx file (the MNIST format: 00 00 <type> <ndim>, ndim big-endian uint32
+  sizes, then the values), gzip-compressed or not. ValueError saying what is wrong otherwise."""
+  with open(path, 'rb') as f:
+    raw = f.read()
+  if not raw:
+    raise ValueError(f'{path} is empty (0 bytes), not an idx file.')
+  if raw[:2] == b'\x1f\x8b':
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+      raise ValueError(f'{path} starts like gzip but does not decompress: {e}') from None
+  if len(raw) < 4 or raw[:2] != b'\0\0' or raw[2] not in _IDX_TYPES:
+    raise ValueError(f'{path} is not an idx file (MNIST format): it starts with {raw[:4]!r}, '
+                     'not 00 00 <type 08-0E> <number of dimensions>.')
+  ndim, dtype = raw[3], np.dtype(_IDX_TYPES[raw[2]])
+  header = 4 + 4 * ndim
+  dims = struct.unpack(f'>{ndim}I', raw[4:header]) if len(raw) >= header else None
+  if dims is None or len(raw) - header != math.prod(dims) * dtype.itemsize:
+    raise ValueError(f'{path}: the idx header says {ndim} dimensions {dims} of {dtype}, but the '
+                     f'file holds {len(raw) - header} bytes of values (truncated?).')
+  return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder('='))
+
+
+def _idx_png(images: np.ndarray, i: int, label: int) -> tuple[int, bytes]:
+  return label, _png(images[i])
+
+
+def _idx_source(input_dir: str) -> _Source:
+  """<prefix>-images-idx3-ubyte[.gz] + <prefix>-labels-idx1-ubyte[.gz] pairs in `input_dir`
+  (MNIST, Fashion-MNIST, KMNIST, EMNIST names); the split is the prefix's last part (train,
+  test; t10k = test). Images [N, H, W] or [N, H, W, C] uint8, stored as lossless PNG; class
+  names are the label values 0..max."""
+  if not os.path.isdir(input_dir):
+    raise FileNotFoundError(f'--input_dir {input_dir!r} is not a directory.')
+  found: dict[str, dict[str, str]] = {}
+  for name in _visible(input_dir):
+    m = _IDX_FILE.match(name)
+    if m:
+      found.setdefault(m['prefix'], {})[m['kind']] = os.path.join(input_dir, name)
+  if not found:
+    raise ValueError(f'{input_dir!r} holds no idx files named like '
+                     'train-images-idx3-ubyte[.gz] / train-labels-idx1-ubyte[.gz].')
+  arrays = {}
+  for prefix, pair in sorted(found.items()):
+    if set(pair) != {'images', 'labels'}:
+      missing = ({'images', 'labels'} - set(pair)).pop()
+      raise ValueError(f'{input_dir!r}: {os.path.basename(next(iter(pair.values())))} has no '
+                       f'{missing} file ({prefix}-{missing}-idx...-ubyte) beside it.')
+    images, labels = read_idx(pair['images']), read_idx(pair['labels'])
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+      raise ValueError(f'{pair["images"]}: expected uint8 images [N, H, W] or [N, H, W, C], '
+                       f'got {images.dtype} {images.shape}.')
+    if labels.ndim != 1 or labels.dtype.kind not in 'iu' or len(labels) != len(images):
+      raise ValueError(f'{pair["labels"]}: expected {len(images)} integer labels [N], got '
+                       f'{labels.dtype} {labels.shape}.')
+    tail = re.split(r'[-_.]', prefix)[-1]
+    split = {'t10k': 'test'}.get(tail, tail)
+    if split in arrays:
+      raise ValueError(f'{input_dir!r}: two idx pairs for split {split!r}.')
+    arrays[split] = (images, labels.astype(np.int64), pair['images'])
+  top = max(int(labels.max(initial=0)) for _, labels, _ in arrays.values())
+  splits = {}
+  for split, (images, labels, path) in arrays.items():
+
+    def items(images=images, labels=labels, path=path):
+      for i, label in enumerate(labels):
+        yield f'{path}[{i}]', functools.partial(_idx_png, images, i, int(label))
+
+    splits[split] = _Split(len(labels), images.nbytes, items, labels.tolist())
+  desc = 'idx files: ' + ', '.join(f'{s}={os.path.basename(p)}' for s, (_, _, p) in arrays.items())
+  return _Source(desc, [str(k) for k in range(top + 1)], splits, 'png (lossless, from idx arrays)')
 
 
 def _tfds_source(name: str, data_dir: Optional[str], image_key: Optional[str],
@@ -493,8 +629,8 @@ def _labelled_folder_source(root: str, labels_spec: str, class_names_file: Optio
     else:
       first[item.path] = item.where
   if class_names is None:
-    class_names = sorted({k.strip() for item in itertools.chain.from_iterable(listed.values())
-                          for k in item.labels if isinstance(k, str)})
+    class_names = class_order({k.strip() for item in itertools.chain.from_iterable(listed.values())
+                               for k in item.labels if isinstance(k, str)})
   index = {name: i for i, name in enumerate(class_names)}
   splits = {}
   for split, items in listed.items():
@@ -657,8 +793,12 @@ def make_source(source: str, input_dir: Optional[str] = None,
     return _folder_source(input_dir)
   if source.startswith('tfds:'):
     return _tfds_source(source[5:], tfds_data_dir, image_key, label_key)
+  if source == 'idx':
+    if not input_dir:
+      raise ValueError('--source=idx needs --input_dir (the folder of the idx files).')
+    return _idx_source(input_dir)
   raise ValueError(f'Unknown --source {source!r}: use cifar10_npz, caltech101_npz, '
-                   'npz:TRAIN[,TEST], folder, tfds:NAME or mosaic:NPZ_SOURCE.')
+                   'npz:TRAIN[,TEST], folder, idx, tfds:NAME or mosaic:NPZ_SOURCE.')
 
 
 # ----------------------------------------------------------------------------- writing
@@ -671,15 +811,21 @@ def _inspect(image: bytes) -> tuple[str, tuple[int, int, int]]:
 
 
 def _check(item: tuple[str, Fetch]):
-  """(where, label, bytes, format, shape, error) for one source item."""
+  """(where, label, bytes, format, shape, pixel sums, error) for one source item; the error
+  says what the bytes are when they are no image (empty, or not a format Pillow reads)."""
   where, fetch = item
   label = -1
   try:
     label, data = fetch()
-    fmt, shape = _inspect(data)
-    return where, label, data, fmt, shape, None
+    if not data:
+      return where, label, None, None, None, None, 'empty file (0 bytes)'
+    fmt, shape, sums = image_ops.pixel_sums(data)
+    return where, label, data, fmt, shape, sums, None
+  except UnidentifiedImageError:
+    return (where, label, None, None, None, None, f'not an image file Pillow can read '
+            f'({len(data)} bytes starting with {bytes(data[:8])!r})')
   except Exception as e:  # pylint: disable=broad-except
-    return where, label, None, None, None, f'{type(e).__name__}: {e}'
+    return where, label, None, None, None, None, f'{type(e).__name__}: {e}'
 
 
 def _write_split(split: str, spec: _Split, num_classes: int, num_shards: int, tmp_dir: str,
@@ -691,7 +837,8 @@ def _write_split(split: str, spec: _Split, num_classes: int, num_shards: int, tm
   writer, current, num_bytes, skipped, t0 = None, -1, 0, 0, time.time()
   num_unlabelled = num_labels = max_labels = 0
   results = _ordered_map(pool, _check, spec.items())
-  for k, (where, label, data, fmt, shape, error) in enumerate(results):
+  sums = stats['pixel_sums'].setdefault(split, {})
+  for k, (where, label, data, fmt, shape, pixels, error) in enumerate(results):
     ids = np.atleast_1d(np.asarray(label, np.int64))
     bad = ids[(ids < 0) | (ids >= num_classes)].tolist()
     if error is None and bad:
@@ -719,6 +866,9 @@ def _write_split(split: str, spec: _Split, num_classes: int, num_shards: int, tm
     num_bytes += len(data)
     stats['formats'][fmt] = stats['formats'].get(fmt, 0) + 1
     stats['shapes'].add(shape)
+    for c, (total, squares, count) in pixels.items():
+      acc = sums.setdefault(c, [0.0, 0.0, 0])
+      acc[0], acc[1], acc[2] = acc[0] + total, acc[1] + squares, acc[2] + count
     if (k + 1) % 50000 == 0:
       log(f'  {split}: {k + 1}/{n} ({time.time() - t0:.0f} s)')
   while current < num_shards - 1:  # shards left empty (everything in them skipped)
@@ -766,10 +916,12 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
             splits: Optional[Sequence[str]] = None, num_workers: Optional[int] = None,
             labels_file: Optional[str] = None, class_names_file: Optional[str] = None,
             label_sep: str = '|', seed: int = 0, num_mosaics: Optional[str] = None,
-            verbose: bool = True) -> dict[str, Any]:
+            holdout_split: Optional[str] = None, holdout_fraction: float = 0.1,
+            holdout_from: str = 'train', verbose: bool = True) -> dict[str, Any]:
   """Writes the ArrayRecord dataset of `source` (see module docstring) to `out_dir`.
 
-  `num_shards` applies to every split (default: about one per 256 MiB). Any dataset already in
+  `holdout_split` makes a new split of a seeded `holdout_fraction` of split `holdout_from`
+  (`_hold_out`). `num_shards` applies to every split (default: about one per 256 MiB). Any dataset already in
   `out_dir` is replaced as a whole (other files there are left alone). Returns the metadata.
   The other arguments are the command-line flags of the same names. Raises LabelsFileError
   (file:line of every problem) for unusable labels input, ValueError / FileNotFoundError for
@@ -784,6 +936,8 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
     if unknown:
       raise ValueError(f'Splits {sorted(unknown)} not in the source; it has {list(src.splits)}.')
     src.splits = {s: src.splits[s] for s in splits}
+  if holdout_split:
+    _hold_out(src, holdout_split, holdout_fraction, holdout_from, seed)
   empty = [s for s, spec in src.splits.items() if spec.num_items == 0]
   for s in empty:
     print(f'[prepare_data] split {s!r} has no images; leaving it out.', file=sys.stderr)
@@ -798,7 +952,7 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
     if name.startswith(_TMP_PREFIX):
       shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
   tmp_dir = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out_dir)
-  stats = {'skipped': [], 'formats': {}, 'shapes': set()}
+  stats = {'skipped': [], 'formats': {}, 'shapes': set(), 'pixel_sums': {}}
   try:
     workers = num_workers or min(8, os.cpu_count() or 1)
     split_meta = {}
@@ -822,6 +976,11 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
         'class_names': src.class_names,
         'num_classes': len(src.class_names),
         'image_size': list(next(iter(shapes))) if len(shapes) == 1 else None,
+        'channels': sorted({shape[2] for shape in shapes}),
+        'pixel_stats': _pixel_stats(stats['pixel_sums'].get(
+            'train' if 'train' in split_meta else next(iter(split_meta)), {})),
+        'class_order': 'numeric' if _numeric(src.class_names) else 'sorted names, or as given',
+        'warnings': _class_warnings(src.class_names, split_meta),
         'image_formats': dict(sorted(stats['formats'].items())),
         'splits': split_meta,
         'num_skipped': sum(m['num_skipped'] for m in split_meta.values()),
@@ -837,10 +996,103 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
   return meta
 
 
+def _hold_out(src: _Source, name: str, fraction: float, from_split: str, seed: int) -> None:
+  """Moves a seeded `fraction` of split `from_split` into a new split `name`. Stratified when
+  the source knows each item's class without reading it (folders, npz, idx): of a class with
+  n images, round(fraction * n) go, at least 1 and at most n - 1 when n >= 2 (a class with
+  one image stays in `from_split`); otherwise round(fraction * N) items drawn uniformly.
+  Both splits keep the source order. Draws: np.random.default_rng(seed), classes in id order."""
+  if not 0 < fraction < 1:
+    raise ValueError(f'--holdout_fraction must be in (0, 1), got {fraction}.')
+  if name in src.splits:
+    raise ValueError(f'--holdout_split={name}: the source already has a split {name!r} '
+                     f'({list(src.splits)}); hold out a new name or leave the flag out.')
+  if from_split not in src.splits:
+    raise ValueError(f'--holdout_from={from_split}: no such split in the source; it has '
+                     f'{list(src.splits)}.')
+  spec = src.splits[from_split]
+  items = list(spec.items())
+  rng = np.random.default_rng(seed)
+  held = np.zeros(len(items), bool)
+  if spec.labels is not None and not src.multi_label:
+    labels = np.asarray(spec.labels)
+    for k in np.unique(labels):
+      idx = np.flatnonzero(labels == k)
+      n = len(idx)
+      take = min(max(round(fraction * n), 1), n - 1) if n >= 2 else 0
+      held[rng.permutation(idx)[:take]] = True
+  else:
+    held[rng.permutation(len(items))[:round(fraction * len(items))]] = True
+
+  def part(mask: np.ndarray) -> _Split:
+    chosen = [item for item, m in zip(items, mask) if m]
+    labels = None if spec.labels is None else [l for l, m in zip(spec.labels, mask) if m]
+    return _Split(len(chosen), int(spec.num_bytes * len(chosen) / max(len(items), 1)),
+                  lambda chosen=chosen: iter(chosen), labels)
+
+  src.splits[from_split], src.splits[name] = part(~held), part(held)
+  src.extra['holdout'] = {'split': name, 'from': from_split, 'fraction': fraction, 'seed': seed,
+                          'stratified': spec.labels is not None and not src.multi_label}
+
+
+def _numeric(names: Sequence[str]) -> bool:
+  return bool(names) and all(re.fullmatch(r'[+-]?\d+', n) for n in names)
+
+
+def _pixel_stats(sums: dict) -> dict[str, Any]:
+  """{'1' | '3': {'mean': [c], 'std': [c]}} of the decoded pixels (in [0, 1]) from summed
+  pixel values (`image_ops.pixel_sums`): what training normalises with by default."""
+  out = {}
+  for c, (total, squares, count) in sorted(sums.items()):
+    mean = np.asarray(total) / max(count, 1)
+    std = np.sqrt(np.maximum(np.asarray(squares) / max(count, 1) - mean ** 2, 0.0))
+    out[str(c)] = {'mean': [round(float(v), 6) for v in mean],
+                   'std': [round(float(v), 6) for v in std]}
+  return out
+
+
+TINY_CLASS = 5  # fewer training images than this: warned about
+
+
+def _class_warnings(class_names: Sequence[str], split_meta: dict[str, Any]) -> list[str]:
+  """Classes with no images at all, with fewer than TINY_CLASS training images, or missing
+  from a split that other splits have them in."""
+  def named(ids, counts=None):
+    shown = [f'{class_names[k]!r}' + (f' ({counts[k]})' if counts else '') for k in ids[:10]]
+    return ', '.join(shown) + (f' and {len(ids) - 10} more' if len(ids) > 10 else '')
+
+  counts = {s: np.asarray(m['class_counts']) for s, m in split_meta.items()}
+  total = sum(counts.values())
+  out = []
+  empty = np.flatnonzero(total == 0).tolist()
+  if empty:
+    out.append(f'{len(empty)} class(es) have no images at all: {named(empty)}')
+  train = 'train' if 'train' in counts else next(iter(counts))
+  tiny = np.flatnonzero((counts[train] > 0) & (counts[train] < TINY_CLASS)).tolist()
+  if tiny:
+    out.append(f'{len(tiny)} class(es) have fewer than {TINY_CLASS} images in split '
+               f'{train!r}: {named(tiny, counts[train].tolist())}')
+  for split, c in counts.items():
+    missing = np.flatnonzero((c == 0) & (total > 0)).tolist()
+    if missing:
+      out.append(f'split {split!r} has no images of {len(missing)} class(es) that other splits '
+                 f'have: {named(missing)}')
+  return out
+
+
 def _summary(meta: dict[str, Any], out_dir: str, seconds: float, log) -> None:
   log(f'Prepared {out_dir} from {meta["source"]} in {seconds:.1f} s')
   log(f'  classes: {meta["num_classes"]}; image size: {meta["image_size"] or "mixed"}; '
       f'formats: {meta["image_formats"]}; encoding: {meta["encoding"]}')
+  names = meta['class_names']
+  order = [f'{i}: {n}' for i, n in enumerate(names)]
+  if len(order) > 16:
+    order = order[:10] + ['...'] + order[-5:]
+  log(f'  class ids ({meta.get("class_order", "as given")}): {", ".join(order)}')
+  if 'holdout' in meta:
+    h = meta['holdout']
+    log(f'  held out {h["split"]!r}: {h["fraction"]:g} of {h["from"]!r}, seed {h["seed"]}'
+        f'{", stratified by class" if h["stratified"] else ""}')
   for split, m in meta['splits'].items():
     disk = sum(os.path.getsize(os.path.join(out_dir, s)) for s in m['shards'])
     log(f'  {split:>10}: {m["num_examples"]:>9,} examples, {m["num_skipped"]} skipped, '
@@ -851,6 +1103,8 @@ def _summary(meta: dict[str, Any], out_dir: str, seconds: float, log) -> None:
           f'at most {m["max_labels_per_image"]} per image')
   if meta['num_skipped']:
     log(f'  skipped {meta["num_skipped"]} undecodable image(s); see "skipped" in metadata.json')
+  for warning in meta.get('warnings', ()):
+    print(f'[prepare_data] warning: {warning}', file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -858,8 +1112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       prog='python -m launch.prepare_data', description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--source', required=True,
-                      help='cifar10_npz | caltech101_npz | npz:TRAIN[,TEST] | folder | tfds:NAME '
-                      '| mosaic:NPZ_SOURCE')
+                      help='cifar10_npz | caltech101_npz | npz:TRAIN[,TEST] | folder | idx | '
+                      'tfds:NAME | mosaic:NPZ_SOURCE')
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--input_dir', help='folder of the npz files, or root of an image folder')
   parser.add_argument('--num_shards', type=int, help='shards per split (default ~256 MiB each)')
@@ -872,9 +1126,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       'train=a.csv,test=b.jsonl (multi-label)')
   parser.add_argument('--class_names_file', help='folder + labels: one class name per line')
   parser.add_argument('--label_sep', default='|', help="CSV labels separator (default '|')")
-  parser.add_argument('--seed', type=int, default=0, help='mosaic: seed of every draw')
+  parser.add_argument('--seed', type=int, default=0, help='mosaic, --holdout_split: seed of '
+                      'every draw')
   parser.add_argument('--num_mosaics', help='mosaic: N per split or train=N,test=M '
                       '(default: as many as source images)')
+  parser.add_argument('--holdout_split', help='make this new split from a seeded fraction of '
+                      '--holdout_from (stratified by class; seed --seed)')
+  parser.add_argument('--holdout_fraction', type=float, default=0.1,
+                      help='fraction held out (default 0.1)')
+  parser.add_argument('--holdout_from', default='train', help='split to hold out from')
   args = parser.parse_args(argv)
   try:
     prepare(args.source, args.out, input_dir=args.input_dir, num_shards=args.num_shards,
@@ -882,7 +1142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             label_key=args.label_key, splits=args.splits.split(',') if args.splits else None,
             num_workers=args.num_workers, labels_file=args.labels_file,
             class_names_file=args.class_names_file, label_sep=args.label_sep, seed=args.seed,
-            num_mosaics=args.num_mosaics)
+            num_mosaics=args.num_mosaics, holdout_split=args.holdout_split,
+            holdout_fraction=args.holdout_fraction, holdout_from=args.holdout_from)
   except (ValueError, FileNotFoundError) as e:
     # Bad input, not a bug: the message says what is wrong and where; no traceback.
     sys.exit(f'error: {e}')

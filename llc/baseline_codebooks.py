@@ -117,13 +117,15 @@ def write(values: np.ndarray, out: str) -> dict:
 
 def main(argv) -> None:
   del argv
+  from configs.resolve import resolve
+  config = _CONFIG.value and resolve(_CONFIG.value)
   values = build(_KIND.value, _BITS.value, num_classes=_NUM_CLASSES.value, seed=_SEED.value,
-                 det_workdir=_DET.value, config=_CONFIG.value, max_examples=_MAX.value)
+                 det_workdir=_DET.value, config=config, max_examples=_MAX.value)
   print(json.dumps({'kind': _KIND.value, **write(values, _OUT.value)}), flush=True)
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   _KIND = flags.DEFINE_enum('kind', None, list(KINDS), 'baseline codebook')
   _BITS = flags.DEFINE_integer('bits', None, 'code length k')
@@ -134,4 +136,5 @@ if __name__ == '__main__':
   _SEED = flags.DEFINE_integer('seed', 0, 'random: generator seed')
   _MAX = flags.DEFINE_integer('max_examples', 0, 'cca: training examples used (0 = all)')
   flags.mark_flags_as_required(['kind', 'bits', 'out'])
-  app.run(main)
+  from launch import cli   # cca: --config defaults to the DET workdir's config.json
+  cli.run(main, {'config': 'det_workdir'})

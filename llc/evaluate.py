@@ -154,7 +154,7 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'LLC experiment config file[:args]',
                                             lock_config=True)
@@ -165,4 +165,5 @@ if __name__ == '__main__':
   _TOPK = flags.DEFINE_integer('retrieval_topk', 0, 'phase 2: MAP@R of test queries against '
                                'the training split (0: skip)')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  from launch import cli   # --config defaults to the workdir's config.json
+  cli.run(main)

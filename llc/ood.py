@@ -195,7 +195,9 @@ def main(argv) -> None:
   import jax
   from launch.distributed import initialize_distributed
   initialize_distributed()
-  record = evaluate_ood(_CONFIG.value, _WORKDIR.value, _DET_CONFIG.value, _DET_WORKDIR.value,
+  from configs.resolve import resolve   # held-out classes follow from the data's K
+  det_config = _DET_CONFIG.value and resolve(_DET_CONFIG.value)
+  record = evaluate_ood(resolve(_CONFIG.value), _WORKDIR.value, det_config, _DET_WORKDIR.value,
                         _PHASE1.value, _REPEATS.value)
   if jax.process_index() != 0:
     return
@@ -208,7 +210,7 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'phase-2 LLC config[:args], ood=F',
                                             lock_config=True)
@@ -221,4 +223,5 @@ if __name__ == '__main__':
   _REPEATS = flags.DEFINE_integer('repeats', 20, 'draws of the tuning samples per n')
   _OUT = flags.DEFINE_string('out', '/tmp/llc_ood', 'where ood.json and ood.png go')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  from launch import cli   # --config / --det_config default to their workdirs' config.json
+  cli.run(main, {'config': 'workdir', 'det_config': 'det_workdir'})

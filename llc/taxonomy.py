@@ -125,7 +125,8 @@ def main(argv) -> None:
   from input_pipeline.sources import build_source
   if not os.path.isfile(_CODEBOOK.value):
     sys.exit(f'error: codebook file {_CODEBOOK.value} does not exist')
-  config = _CONFIG.value
+  from configs.resolve import resolve
+  config = resolve(_CONFIG.value)
   names = build_source(config.dataset, config.dataset.eval_split, config.seed,
                        train=False)[1].class_names
   superclasses = SUPERCLASSES[_SUPER.value] if _SUPER.value else None
@@ -137,7 +138,7 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   _CODEBOOK = flags.DEFINE_string('codebook', None, 'codebook .npy [L, k] (e.g. P1/codebook.npy)')
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'config whose dataset names the '
@@ -146,4 +147,5 @@ if __name__ == '__main__':
   _SUPER = flags.DEFINE_enum('superclasses', '', ['', *SUPERCLASSES],
                              'report the agreement of a cut with these known superclasses')
   flags.mark_flags_as_required(['codebook', 'config', 'out'])
-  app.run(main)
+  from launch import cli
+  cli.run(main, {})

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from evaluation.evaluator import evaluate, make_eval_step
@@ -171,7 +171,8 @@ _INCLUDE_OLD = flags.DEFINE_bool('include_old', True,
 
 def main(argv):
   del argv
-  record = add_classes(_CONFIG.value, _WORKDIR.value, _NEW_WORKDIR.value,
+  from configs.resolve import resolve
+  record = add_classes(resolve(_CONFIG.value), _WORKDIR.value, _NEW_WORKDIR.value,
                        [int(c) for c in _NEW_CLASSES.value], _STEPS.value, _LR.value,
                        _INCLUDE_OLD.value)
   print(json.dumps(record), flush=True)
@@ -179,4 +180,5 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir', 'new_workdir', 'new_classes'])
-  app.run(main)
+  from launch import cli   # --config defaults to the workdir's config.json
+  cli.run(main)

@@ -107,6 +107,24 @@ def test_loop_costs_counts_every_iteration_on_cpu():
   assert loop_costs(unrolled.as_text()).extra_flops == 0
 
 
+def test_loop_bytes_count_slices_and_in_place_updates_like_xla():
+  """The backward pass of a scan over stacked weights [L, D, D] reads one [D, D] slice and
+  updates one slice of the stacked gradient per iteration. Counted once per loop, our bytes equal
+  XLA's own count of the looped program, and our count of the unrolled program equals XLA's;
+  counting whole stacked operands instead would be L times too high per iteration."""
+  def program(unroll):
+    def f(x, w):
+      return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w, unroll=unroll)[0]
+    return jax.jit(jax.grad(lambda x, w: f(x, w).sum(), argnums=1)).lower(
+        jax.ShapeDtypeStruct((64, 256), jnp.float32),
+        jax.ShapeDtypeStruct((24, 256, 256), jnp.float32)).compile()
+  looped, unrolled = program(1), program(True)
+  assert loop_costs(looped.as_text()).bytes_once == pytest.approx(
+      looped.cost_analysis()['bytes accessed'], rel=1e-3)
+  assert loop_costs(unrolled.as_text()).bytes_all == pytest.approx(
+      unrolled.cost_analysis()['bytes accessed'], rel=1e-3)
+
+
 # ----- With libtpu: the real train step for a 4-chip v4 slice.
 
 def _shard_shapes(tree) -> list:

@@ -68,7 +68,30 @@ class WorkdirLock:
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes the resolved config (after command-line overrides) as `config.json`."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  """Writes the resolved config (after command-line overrides) as `config.json`.
+
+  A workdir that already holds a different one (a run resumed with a changed config) keeps
+  it: it is renamed `config.<step>.json`, step = the last checkpoint written before the change
+  (the steps up to it ran with that config), and the changed fields are printed.
+  """
+  if jax.process_index() != 0:
+    return
+  from training.checkpointing import config_changes, scan_steps
+  path = os.path.join(workdir, 'config.json')
+  text = config.to_json_best_effort(indent=2)
+  if os.path.exists(path):
+    with open(path) as f:
+      changes = config_changes(json.load(f), json.loads(text))
+    if changes:
+      steps, _ = scan_steps(workdir)
+      step = steps[-1] if steps else 0
+      kept, n = os.path.join(workdir, f'config.{step}.json'), 1
+      while os.path.exists(kept):
+        kept, n = os.path.join(workdir, f'config.{step}-{n}.json'), n + 1
+      os.replace(path, kept)
+      print(f'Config changed since step {step} ({len(changes)} fields): ' + '; '.join(changes)
+            + f'. The config of steps 1-{step} is kept as {kept}.', flush=True)
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)

@@ -1,0 +1,51 @@
+"""What every command-line tool of the project shares: the config defaults to the workdir's,
+and a user's mistake ends in one line, not a traceback.
+
+  if __name__ == '__main__':
+    cli.run(main)                                          # --config defaults to --workdir's
+    cli.run(main, configs={'config': 'workdir', 'det_config': 'det_workdir'})
+"""
+import contextlib
+import sys
+from typing import Callable, Mapping
+
+from absl import app, logging
+
+
+def user_errors() -> tuple:
+  """Exceptions that mean bad input (a missing file, a config that does not fit its data, a
+  workdir of another model, a NaN stop...), whose messages say what to do."""
+  from configs.resolve import ConfigError
+  from input_pipeline.sources import LabelError
+  from training.checkpointing import IncompatibleCheckpointError
+  from training.workdir import WorkdirInUseError
+  return (FileNotFoundError, IncompatibleCheckpointError, WorkdirInUseError,
+          FloatingPointError, LabelError, ConfigError)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+  """Turns `user_errors()` into `error: <message>` on stderr and exit status 1."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    # ml_collections defers a config file's load error to the first use of the config.
+    deferred = isinstance(e, OSError) and str(e).startswith('Configuration is not available')
+    if not (deferred or isinstance(e, user_errors())):
+      raise
+    logging.error('%s: %s', type(e).__name__, e)
+    sys.exit(f'error: {e}')
+
+
+def run(main: Callable, configs: Mapping[str, str] = {'config': 'workdir'}) -> None:  # pylint: disable=dangerous-default-value
+  """`app.run(main)`; each config flag in `configs` not given on the command line defaults to
+  the config saved in the workdir its value names (`configs.workdir.default_to_workdir`)."""
+  from configs.workdir import default_to_workdir
+  argv = sys.argv
+  for flag, workdir_flag in configs.items():
+    argv = default_to_workdir(argv, flag, workdir_flag)
+
+  def wrapped(args):
+    with one_line_errors():
+      return main(args)
+  app.run(wrapped, argv=argv)
