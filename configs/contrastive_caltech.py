@@ -68,9 +68,9 @@ def _prepared(c: base.ConfigDict, name: str, num_classes: int, size: int) -> Non
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['hetxl', 'text', 'epochs', 'seed', 'split', 'eval_on',
-                              'runlocal'])
-  epochs, batch_size = int(args.get('epochs', 10)), 128
+  args = base.parse_arg(arg, ['hetxl', 'text', 'epochs', 'seed', 'split', 'eval_on', 'size',
+                              'batch', 'runlocal'])
+  epochs, batch_size = int(args.get('epochs', 10)), int(args.get('batch', 128))
   text, eval_on = args.get('text', 'transformer'), args.get('eval_on', 'seen')
   if eval_on not in ('seen', 'heldout', 'cifar10'):
     raise ValueError(f'eval_on must be seen, heldout or cifar10, got {eval_on!r}')
@@ -84,6 +84,8 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c.input.batch_size = batch_size
   c.input.eval_batch_size = 500
   c.input.train_augment = 'flip'
+  c.input.image_size = int(args.get('size', 64))
+  c.input.eval_preprocess = 'resize'
   c.input.mean = (0.4914, 0.4822, 0.4465)
   c.input.std = (0.2470, 0.2435, 0.2616)
   c.input.num_workers = 2
@@ -104,8 +106,6 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   elif eval_on == 'cifar10':
     _prepared(c, 'cifar10', 10, 32)
     c.dataset.classes = c.dataset.ood_classes = ()
-    c.input.image_size = 64
-    c.input.eval_preprocess = 'resize'
   if 'runlocal' in args:
     base.runlocal_small_backbone(base.runlocal(base.synthetic_stand_in(c)))
     c.dataset.classes = c.dataset.ood_classes = ()

@@ -17,7 +17,11 @@ auxiliary terms), so the trainer never branches on the head type. A head declare
 the class attribute `link` ('softmax' or 'sigmoid'); a head that cannot train on label sets
 says why in the class attribute `label_sets_unsupported` (a sentence), and a config with
 `dataset.multi_label` is refused when the model is built; extra scalars to log (a temperature, say)
-go to `self.sow('head_metrics', name, value)`.
+go to `self.sow('head_metrics', name, value)`. A head whose loss couples the examples of a batch
+(the in-batch contrastive loss of `hetxl.contrastive`) sets the class attribute
+`in_batch_loss = True` and is then also called with `mask=` [B] (1 = real example, 0 = padding),
+which it must keep out of every example's loss; a head built from the dataset config (class
+names for captions) has a classmethod `from_dataset(dataset, num_classes, **kwargs)`.
 
 Every head also has `ood_scores(features, logits) -> {name: [B] float32}`: its own
 out-of-distribution scores (HET / HET-XL 'mc_entropy', SOC 'max_log_density', LLC
