@@ -14,9 +14,11 @@ from configs import base
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, ['runlocal', 'temperature', 'data'])
   c = base.base_config()
-  c.dataset.name = 'digits'        # 10 classes, 8x8 gray (num_classes etc. from the data)
-  if 'data' in args:
+  c.dataset.name = 'digits'        # 8x8 gray
+  c.dataset.num_classes = 10
+  if 'data' in args:               # classes, channels, size: from the data
     base.prepared_dataset(c, '', args['data'])
+    c.dataset.num_classes = 0
   c.input.batch_size = 64
   c.input.eval_batch_size = 128
   c.model.backbone = 'convnet'
