@@ -150,7 +150,7 @@ def _tfds_facts(ds: ml_collections.ConfigDict, where: str) -> DataFacts:
   label = info.features['label'] if 'label' in info.features else None
   label = getattr(label, 'feature', label)
   shape = tuple(info.features['image'].shape) if 'image' in info.features else ()
-  size = tuple(shape[:2]) if shape and None not in shape[:2] else (None if shape else ())
+  size = tuple(shape[:2]) if shape and None not in shape[:2] else ()   # None: sizes vary
   splits = {}
   for split in (ds.train_split, ds.eval_split):
     try:
