@@ -76,6 +76,9 @@ def head_config(head: str, num_classes: int, a: types.SimpleNamespace):
   c.dataset.num_classes = num_classes
   base.comparison_head(c, head, num_factors=a.factors, train_samples=a.samples,
                        eval_samples=1000, chunk=min(100, a.samples))
+  from heads.registry import resolve_head_kwargs   # e.g. LLC bits = ceil(2 log2 K)
+  c.model.head_kwargs.update(resolve_head_kwargs(c.model.head, num_classes,
+                                                 c.model.head_kwargs.to_dict()))
   c.optimizer.learning_rate = a.lr
   return c
 

@@ -88,9 +88,8 @@ def _dataset(ds: ConfigDict, facts, notes: list) -> None:
     raise ConfigError(f'dataset.num_classes = {ds.num_classes} but {what}: set '
                       f'--config.dataset.num_classes={kept} (or 0 to read it from the data)')
   if facts is None:
-    for field in ('channels',):
-      if not ds[field]:
-        raise _need(f'dataset.{field}', 'no data is read here')
+    if not ds.channels:
+      raise _need('dataset.channels', 'no data is read here')
     return
   for split_field in ('train_split', 'eval_split'):
     split = ds[split_field]
@@ -111,7 +110,7 @@ def _dataset(ds: ConfigDict, facts, notes: list) -> None:
       notes.append(f'stored size {h}px')
 
 
-def train_examples(config: ConfigDict, facts) -> int:
+def _train_examples(config: ConfigDict, facts) -> int:
   """Examples of the train split that training reads (only `dataset.classes` when set)."""
   ds = config.dataset
   split = ds.train_split
@@ -163,7 +162,7 @@ def _schedule(config: ConfigDict, facts, notes: list) -> None:
                  or (not t.checkpoint_every and t.checkpoint_every_epochs) or o.warmup_epochs)
   if uses_epochs:
     if not ds.train_examples:
-      ds.train_examples = train_examples(config, facts)
+      ds.train_examples = _train_examples(config, facts)
     per_epoch = max(1, ds.train_examples // config.input.batch_size)   # whole batches
   if not t.num_steps:
     if not t.epochs:
