@@ -111,7 +111,10 @@ def split_paths(data_dir: str, split: str) -> list[str]:
   """Paths of the shards of `split`, in record order."""
   meta = read_metadata(data_dir)
   if split not in meta['splits']:
-    raise KeyError(f'Split {split!r} not in {data_dir!r}; it has {sorted(meta["splits"])}.')
+    raise FileNotFoundError(
+        f'Split {split!r} is not in prepared dataset {os.fspath(data_dir)!r}, which has '
+        f'{sorted(meta["splits"])}: use one of them, or re-prepare with --holdout_split={split} '
+        '--holdout_fraction=0.1 to hold one out of the training split.')
   paths = [os.path.join(os.fspath(data_dir), name) for name in meta['splits'][split]['shards']]
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
