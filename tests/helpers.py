@@ -21,6 +21,17 @@ FACTS = {'cifar10': dict(num_classes=10, channels=3, train_examples=50_000),
          'imagenet2012': dict(train_examples=1_281_167)}
 
 
+def override(c, overrides: dict):
+  """`c` with {'a.b': v} set as --config.a.b=v would set them; returns it."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
 def resolved_config(path: str, arg: str | None = None, **overrides):
   """load_config(path, arg), `overrides` ('a.b': v) applied as --config.a.b=v would, then
   resolved (`configs.resolve`) without reading data from disk: a named prepared dataset's facts (FACTS)
@@ -30,13 +41,7 @@ def resolved_config(path: str, arg: str | None = None, **overrides):
   name = c.dataset.tfds_name or os.path.basename(c.dataset.data_dir)
   if c.dataset.name in ('arrayrecord', 'tfds') and name in FACTS:
     c.dataset.update(FACTS[name])
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return resolve(c, with_data=c.dataset.name in ('digits', 'synthetic'), verbose=False)
+  return resolve(override(c, overrides), with_data=c.dataset.name in ('digits', 'synthetic'), verbose=False)
 
 
 def load_benchmark(name: str):

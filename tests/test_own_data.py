@@ -13,7 +13,7 @@ from input_pipeline import records
 from input_pipeline.sources import RecordSource
 from configs.resolve import ConfigError, resolve
 from launch import prepare_data
-from tests.helpers import last_json, run_main, run_module
+from tests.helpers import last_json, override, run_main, run_module
 
 K = 12
 
@@ -230,14 +230,7 @@ def _load(path, arg, **overrides):
   spec = importlib.util.spec_from_file_location('config_under_test', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config(arg)
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(module.get_config(arg), overrides)
 
 
 def test_a_class_count_below_the_data_s_is_one_line(data, tmp_path):
