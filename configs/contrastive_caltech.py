@@ -27,8 +27,9 @@ evaluate zero-shot on the 20 held-out classes and on CIFAR-10 (same workdir, --m
   python -m launch.main --config=configs/contrastive_caltech.py:hetxl,text=locked,eval_on=cifar10 \
       --workdir=/tmp/ct --mode=eval
 Options: `epochs=N` (default 10), `seed=N` (training seed), `split=N` (class split seed),
-`eval_on=seen|heldout|cifar10`, `runlocal` (synthetic stand-in data, tiny towers: checks the
-path in seconds, needs no data).
+`eval_on=seen|heldout|cifar10`, `size=N` (image side, default 64), `batch=N` (default 128),
+`runlocal` (synthetic stand-in data, the small convnet, tiny text tower: checks the path in
+seconds, needs no data).
 Expected (BENCHMARKS.md, "Contrastive HET-XL"): with text=locked, zero-shot accuracy on the 20
 held-out classes well above chance (0.05) and ~0.8 on seen classes; with the from-scratch byte
 transformer the held-out accuracy stays near chance (its text tower never saw those names).
@@ -47,7 +48,7 @@ def contrastive_head(c: base.ConfigDict, *, noise: str, text: str) -> base.Confi
       embed_dim=128, text_tower=text, noise=noise, num_factors=8, parameter_efficient=False,
       train_mc_samples=32, mc_chunk_size=0, loss='softmax',
       temperature='bounded' if hetxl else 'inverse', temperature_bounds=(0.01, 0.19),
-      context_length=48,
+      context_length=48, text_embeddings='',   # '': <data_dir>/text_embeddings.npz
       text_kwargs=(dict(width=128, depth=2, num_heads=4, mlp_dim=512) if text == 'transformer'
                    else dict(project=True))))
   return c
@@ -107,7 +108,8 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
     _prepared(c, 'cifar10', 10, 32)
     c.dataset.classes = c.dataset.ood_classes = ()
   if 'runlocal' in args:
-    base.runlocal_small_backbone(base.runlocal(base.synthetic_stand_in(c)))
+    base.runlocal(base.synthetic_stand_in(c))
+    c.model.backbone, c.model.backbone_kwargs = 'convnet', base.ConfigDict(dict(features=32))
     c.dataset.classes = c.dataset.ood_classes = ()
     c.dataset.num_classes = 5
     c.dataset.num_examples = 64

@@ -1,6 +1,6 @@
 """Contrastive image-text training, deterministic (CLIP / LiT) and HET-XL, and zero-shot logits.
 
-Collier et al. (ICLR 2023, sec. 6) apply HET-XL to contrastive learning: in a batch of B
+Collier et al. (ICLR 2023) apply HET-XL to contrastive learning: in a batch of B
 image-text pairs the B text embeddings play the role of HET-XL's class weights W (a "3.5
 billion class" problem at web scale), the noise lives in the image representation space, a
 temperature is learnt, and zero-shot classification uses deterministic embeddings. No public

@@ -137,25 +137,24 @@ def test_zero_shot_logits_of_a_hand_built_two_class_case():
 
 
 def test_similarity_matrix_spans_the_global_batch():
-  """The train-step loss on 8 devices (batch sharded over 'data') equals the loss on 1 device:
-  each example's negatives are the whole global batch, not its device's shard."""
-  from configs.contrastive_caltech import get_config
-  from training.experiment import Experiment
-  from training.loop import make_train_step
-  from training.state import create_state
-  losses = []
-  for n in (1, 8):
-    config = get_config('runlocal,hetxl')
-    exp = Experiment.build(config, jax.devices()[:n])
-    state = create_state(exp.model, exp.tx, exp.image_shape, exp.shardings, jax.random.key(0))
-    spec = exp.abstract_batch()
-    rng = np.random.default_rng(0)
-    batch = {'image': rng.integers(0, 255, spec['image'].shape).astype(np.uint8),
-             'label': np.arange(16, dtype=np.int32) % 5,
-             'mask': np.ones(16, np.float32)}
-    batch = {k: jax.device_put(v, spec[k].sharding) for k, v in batch.items()}
-    losses.append(float(make_train_step(exp)(state, batch)[1]['loss']))
-  assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+  """Under jit with the batch sharded over 'data' on 8 devices the loss equals the unsharded
+  one: each example's negatives are the whole global batch, not its device's shard (a
+  per-shard loss differs, checked on shard 0)."""
+  from training.mesh import batch_sharding, build_mesh
+  rng = np.random.default_rng(3)
+  table = rng.normal(size=(3, 2, 5)).astype(np.float32)
+  feats = jnp.asarray(rng.normal(0, 3, (16, 8)), jnp.float32)
+  labels, mask = jnp.arange(16) % 3, jnp.ones(16, jnp.float32)
+  het = _head('hetxl', table)
+  params = het.init(_rngs(), feats, labels, train=True, mask=mask)['params']
+  loss = lambda f, y, m: het.apply({'params': params}, f, y, train=True, mask=m,
+                                   rngs=_rngs(1)).loss
+  sharding = batch_sharding(build_mesh(('data', 'model'), (8, 1), jax.devices()[:8]))
+  sharded = jax.jit(loss)(*(jax.device_put(x, sharding) for x in (feats, labels, mask)))
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_allclose(sharded, loss(feats, labels, mask), rtol=1e-5)
+  shard0 = loss(feats[:2], labels[:2], mask[:2])
+  assert np.abs(np.asarray(shard0) - np.asarray(sharded)[:2]).max() > 1e-2
 
 
 def _fake_encoder(texts):
@@ -177,7 +176,8 @@ def test_locked_text_trains_the_same_on_two_processes_as_on_one(tmp_path):
                              emb[::-1])
   args = ['--config=configs/contrastive_caltech.py:runlocal,hetxl,text=locked',
           f'--config.model.head_kwargs.text_embeddings={path}',
-          '--config.optimizer.schedule=constant', '--config.train.async_checkpointing=False']
+          '--config.optimizer.schedule=constant', '--config.train.async_checkpointing=False',
+          '--config.train.num_steps=2', '--config.train.checkpoint_every=2']
   one = json.loads(run_main(*args, f'--workdir={tmp_path / "one"}', devices=4
                             ).stdout.strip().splitlines()[-1])
   two = [json.loads(o.strip().splitlines()[-1])
@@ -186,7 +186,7 @@ def test_locked_text_trains_the_same_on_two_processes_as_on_one(tmp_path):
   assert two[0]['accuracy'] == pytest.approx(one['accuracy'])
   assert two[0]['nll'] == pytest.approx(one['nll'], rel=1e-4)
   want, got = _losses(tmp_path / 'one'), _losses(tmp_path / 'two')
-  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+  assert sorted(got) == sorted(want) == [1, 2]
   for step in want:
     assert got[step] == pytest.approx(want[step], rel=1e-4), step
 
