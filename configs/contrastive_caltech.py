@@ -53,6 +53,7 @@ def contrastive_head(c: base.ConfigDict, *, noise: str, text: str) -> base.Confi
       train_mc_samples=32, mc_chunk_size=0, loss='softmax',
       temperature='bounded' if hetxl else 'inverse', temperature_bounds=(0.01, 0.19),
       context_length=48, text_embeddings='',   # '': <data_dir>/text_embeddings.npz
+      templates=(),                             # (): input_pipeline.captions.TEMPLATES
       text_kwargs=(dict(width=128, depth=2, num_heads=4, mlp_dim=512) if text == 'transformer'
                    else dict(project=True))))
   return c

@@ -167,15 +167,21 @@ def _fake_encoder(texts):
 
 
 def test_locked_text_trains_the_same_on_two_processes_as_on_one(tmp_path):
+  """DET with one template: the loss is then a function of the batch's set of examples (a
+  2-process global batch holds the same examples in another order; per-position draws, the
+  template and HET-XL's noise, would differ), so 2 x 2 devices must equal 1 x 4."""
   from launch.prepare_text import write_embeddings
   path = str(tmp_path / 'emb.npz')
   names = [f'class_{k}' for k in range(5)]              # the synthetic stand-in's classes
-  emb = write_embeddings(path, names, captions.TEMPLATES, _fake_encoder, 'fake')
-  assert emb.shape == (5, len(captions.TEMPLATES), 12)
-  np.testing.assert_allclose(captions.load_embeddings(path, names[::-1], captions.TEMPLATES),
-                             emb[::-1])
-  args = ['--config=configs/contrastive_caltech.py:runlocal,hetxl,text=locked',
+  templates = ('a photo of a {}.',)
+  emb = write_embeddings(path, names, templates, _fake_encoder, 'fake')
+  assert emb.shape == (5, 1, 12)
+  np.testing.assert_allclose(captions.load_embeddings(path, names[::-1], templates), emb[::-1])
+  with pytest.raises(ValueError, match='templates'):
+    captions.load_embeddings(path, names, captions.TEMPLATES)
+  args = ['--config=configs/contrastive_caltech.py:runlocal,text=locked',
           f'--config.model.head_kwargs.text_embeddings={path}',
+          f'--config.model.head_kwargs.templates={templates!r}',
           '--config.optimizer.schedule=constant', '--config.train.async_checkpointing=False',
           '--config.train.num_steps=2', '--config.train.checkpoint_every=2']
   one = json.loads(run_main(*args, f'--workdir={tmp_path / "one"}', devices=4
