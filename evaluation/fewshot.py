@@ -137,7 +137,7 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
   _WORKDIR = flags.DEFINE_string('workdir', None, 'the trained workdir')
   _DATA_DIR = flags.DEFINE_string('data_dir', None, 'a prepared dataset (launch.prepare_data)')
   _SHOTS = flags.DEFINE_list('shots', ['1', '5', '10', '25'], 'training images per class')
@@ -152,4 +152,5 @@ if __name__ == '__main__':
       main(argv)
     except (ValueError, FileNotFoundError) as e:   # a user's mistake: one line
       raise SystemExit(f'error: {e}') from None
-  app.run(_main)
+  from launch import cli   # quiet library logs
+  cli.run(_main, {})

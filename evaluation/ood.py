@@ -149,7 +149,7 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
   _WORKDIRS = flags.DEFINE_list('workdir', None, 'trained workdirs, NAME=DIR or DIR')
   _OOD = flags.DEFINE_multi_string('ood', ['heldout'], "'heldout' or NAME=DIR (prepared data)")
   _MAX = flags.DEFINE_integer('max_examples', 0, 'examples per split at most (0: all)')
@@ -161,4 +161,5 @@ if __name__ == '__main__':
       main(argv)
     except (ValueError, FileNotFoundError) as e:   # a user's mistake: one line
       raise SystemExit(f'error: {e}') from None
-  app.run(_main)
+  from launch import cli   # quiet library logs
+  cli.run(_main, {})

@@ -1,6 +1,8 @@
-"""Writes an evaluation's results: `eval_results.json` and a reliability diagram PNG."""
+"""Writes an evaluation's results (`eval_results.json` and a reliability diagram PNG) and
+puts several runs' results side by side."""
 import json
 import os
+from typing import Mapping, Sequence
 
 import jax
 
@@ -20,3 +22,18 @@ def write_eval_report(workdir: str, step: int, metrics: dict, bins: dict) -> dic
     with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
       json.dump(record, f, indent=1)
   return record
+
+
+def side_by_side(results: Mapping[str, Mapping],
+                 keys: Sequence[str] = ('accuracy', 'nll', 'ece')) -> str:
+  """A markdown table, one row per run in `results` ({name: eval record}, as
+  `write_eval_report` returns and writes it): the run's name, step, number of examples and
+  its `keys` to 4 decimals ('-' where a record lacks one)."""
+  cell = lambda record, key: f'{record[key]:.4f}' if key in record else '-'
+  rows = [['run', 'step', 'examples', *keys]]
+  rows += [[name, str(r.get('step', '-')), str(r.get('num_examples', '-')),
+            *(cell(r, k) for k in keys)] for name, r in results.items()]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  line = lambda row: '| ' + ' | '.join(v.ljust(w) for v, w in zip(row, widths)) + ' |'
+  return '\n'.join([line(rows[0]), '|' + '|'.join('-' * (w + 2) for w in widths) + '|',
+                    *map(line, rows[1:])])

@@ -1,5 +1,11 @@
 """What every command-line tool of the project shares: the config defaults to the workdir's,
-and a user's mistake ends in one line, not a traceback.
+a user's mistake ends in one line, not a traceback, and library logs stay quiet.
+
+Quiet: without `--verbosity` (`-v`) logging is at WARNING, so a tool prints its own
+progress, eval and error lines and any warning, not the INFO lines of orbax, JAX, absl and the
+project's diagnostics (mesh, memory, optimizer groups); `--verbosity=0` (`-v 0`) shows them
+all, as absl's default does. Tools on argparse (`launch.prepare_data`, `launch.prepare_text`)
+never start absl's logging, whose level is then WARNING as well.
 
   if __name__ == '__main__':
     cli.run(main)                                          # --config defaults to --workdir's
@@ -9,7 +15,7 @@ import contextlib
 import sys
 from typing import Callable, Mapping
 
-from absl import app, logging
+from absl import app, flags, logging
 
 
 def user_errors() -> tuple:
@@ -38,14 +44,17 @@ def one_line_errors():
 
 
 def run(main: Callable, configs: Mapping[str, str] = {'config': 'workdir'}) -> None:  # pylint: disable=dangerous-default-value
-  """`app.run(main)`; each config flag in `configs` not given on the command line defaults to
-  the config saved in the workdir its value names (`configs.workdir.default_to_workdir`)."""
+  """`app.run(main)`, quiet (module docstring); each config flag in `configs` not given on the
+  command line defaults to the config saved in the workdir its value names
+  (`configs.workdir.default_to_workdir`)."""
   from configs.workdir import default_to_workdir
   argv = sys.argv
   for flag, workdir_flag in configs.items():
     argv = default_to_workdir(argv, flag, workdir_flag)
 
   def wrapped(args):
+    if not flags.FLAGS['verbosity'].present:   # app.run has just set INFO: quiet instead
+      logging.set_verbosity(logging.WARNING)
     with one_line_errors():
       return main(args)
   app.run(wrapped, argv=argv)

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 LIBTPU_VERSION = '0.0.42.1'   # the version jax 0.10.2's `tpu` extra pins
@@ -240,5 +240,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from launch import cli   # quiet library logs
   _define_flags()
-  app.run(main)
+  cli.run(main, {})

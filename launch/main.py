@@ -4,6 +4,11 @@ r"""Trains and evaluates, or evaluates a checkpoint.
   python -m launch.main --config=configs/hetxl_cifar10.py:runlocal --workdir=... \
       --config.train.num_steps=10
   python -m launch.main --mode=eval --workdir=/tmp/qs   # the config saved in the workdir
+  python -m launch.main --config=configs/quickstart.py:compare --workdir=/tmp/quickstart
+
+A config with `runs` (`:compare` above: DET and HET-XL) trains or evaluates each run in
+`<workdir>/<name>` and ends with a side-by-side table (`launch.runs`). Library logs are quiet
+unless `--verbosity=0` (`launch.cli`).
 
 Without --config, the workdir's saved config.json is used (`configs.workdir`): for
 --mode=eval, and to resume a run as it was. The config is resolved against its data
@@ -13,8 +18,6 @@ one line naming the field to set.
 On a cluster (TPU pod, multi-node GPU) every process runs the same command; the JAX
 distributed runtime is initialised from the environment the cluster sets.
 """
-import json
-
 import jax
 from absl import flags, logging
 from ml_collections import config_flags
@@ -35,14 +38,11 @@ def main(argv):
   logging.info('JAX %s: process %d of %d, %d local / %d global devices', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
-  config = _CONFIG.value
+  from launch import runs   # one run, or several side by side (a config with `runs`)
   if _MODE.value == 'train':
-    from training.loop import train_and_evaluate
-    train_and_evaluate(config, _WORKDIR.value)
+    runs.train(_CONFIG.value, _WORKDIR.value)
   else:
-    from evaluation.from_checkpoint import evaluate_checkpoint
-    record = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
-    print(json.dumps(record), flush=True)
+    runs.evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value)
 
 
 if __name__ == '__main__':

@@ -171,8 +171,8 @@ class Checkpointer:
       for path in incomplete:
         _warn_incomplete([path], f'skipped and renamed to {_move_aside(path)} (delete it at will)')
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(save_every, 1),
-        max_to_keep=keep,
+        save_interval_steps=0 if read_only else max(save_every, 1),   # orbax warns otherwise
+        max_to_keep=None if read_only else keep,
         enable_async_checkpointing=use_async,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,

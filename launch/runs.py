@@ -1,0 +1,56 @@
+r"""What `launch.main` runs: one config, or a config of several runs compared side by side.
+
+A config with a `runs` field ({name: config}, e.g. `configs/quickstart.py:compare`) trains or
+evaluates each run in `<workdir>/<name>`, one after the other, each exactly as it would run
+alone (its own checkpoints, config.json, eval_results.json, resume), and ends with one table
+of their eval results (`evaluation.report.side_by_side`). The config of several runs is saved
+as `<workdir>/config.json`, so `--mode=eval --workdir=W` evaluates them all again.
+
+  python -m launch.main --config=configs/quickstart.py:compare --workdir=/tmp/quickstart
+  python -m launch.main --mode=eval --workdir=/tmp/quickstart
+"""
+import json
+import os
+from typing import Callable, Optional
+
+import ml_collections
+
+from evaluation.from_checkpoint import evaluate_checkpoint
+from evaluation.report import side_by_side
+from training.loop import train_and_evaluate
+from training.workdir import save_config
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def train(config: ConfigDict, workdir: str) -> dict:
+  """Trains and evaluates `config` in `workdir` (`training.loop.train_and_evaluate`), or each
+  of its `runs`; returns the final eval record, or {name: record} of the runs."""
+  if 'runs' not in config:
+    return train_and_evaluate(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  save_config(workdir, config)
+  return _each(config, workdir, train_and_evaluate)
+
+
+def evaluate(config: ConfigDict, workdir: str, step: Optional[int] = None) -> dict:
+  """Evaluates the latest (or `step`'s) checkpoint of `workdir`, or of each of its runs,
+  printing each eval record as a JSON line; returns it, or {name: record} of the runs."""
+  def one(c: ConfigDict, w: str) -> dict:
+    record = evaluate_checkpoint(c, w, step)
+    print(json.dumps(record), flush=True)
+    return record
+  return _each(config, workdir, one) if 'runs' in config else one(config, workdir)
+
+
+def _each(config: ConfigDict, workdir: str, run: Callable[[ConfigDict, str], dict]) -> dict:
+  """`run(config.runs[name], <workdir>/<name>)` in order, then the side-by-side table. A run
+  that ends without results (preempted: saved, re-run to resume) stops the rest."""
+  results = {}
+  for name, run_config in config.runs.items():
+    print(f'{name}: {os.path.join(workdir, name)}', flush=True)
+    results[name] = run(run_config, os.path.join(workdir, name))
+    if not results[name]:
+      return results
+  print(side_by_side(results), flush=True)
+  return results
