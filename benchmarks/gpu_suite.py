@@ -100,7 +100,9 @@ def _cifar(heads: List[str], noise: float, a: argparse.Namespace, concurrent: in
             f'--workdir={workdir}', f'--config.input.num_workers={workers}',
             f'--config.dataset.data_dir={a.data_dir}']
     if a.smoke:   # synthetic 16 px images, 2 steps, evaluate after each
-      argv += ['--config.dataset.name=synthetic', '--config.dataset.num_examples=16',
+      argv += ['--config.dataset.name=synthetic', '--config.dataset.num_classes=10',
+               '--config.dataset.channels=3',
+               '--config.dataset.num_examples=16',
                '--config.dataset.image_size=16', '--config.train.num_steps=2',
                '--config.train.eval_every=1', '--config.eval.max_examples=16',
                '--config.input.eval_batch_size=16', '--config.train.checkpoint_every=2']
