@@ -26,7 +26,8 @@ setup(
         'tensorboardX>=2.6.2',
     ],
     extras_require={
-        'test': ['pytest>=8.0'],
+        # pytest-xdist: the suite runs on 2 workers (CI has 2 cores); see README
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.6'],
         # launch.compile: the TPU compiler, to compile for a Cloud TPU topology on a CPU host
         # (the version jax 0.10.2's `tpu` extra pins)
         'tpu_compile': ['libtpu==0.0.42.1'],
