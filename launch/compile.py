@@ -212,6 +212,17 @@ def format_report(r: Dict[str, Any]) -> str:
   ])
 
 
+def does_not_fit(error: Exception, topology: str) -> Optional[str]:
+  """The one-line answer when the TPU compiler refuses the step for lack of HBM (XLA's
+  RESOURCE_EXHAUSTED at compile time: the step does not fit the chip), else None."""
+  text = str(error)
+  if 'RESOURCE_EXHAUSTED' not in text:
+    return None
+  detail = text.split('RESOURCE_EXHAUSTED:', 1)[1].strip().splitlines()[0]
+  return (f'DOES NOT FIT {topology}: {detail} Shard the head or state over more devices '
+          '(mesh.shape), or lower the batch per device.')
+
+
 def _define_flags() -> None:
   """Flags of the command, defined only when it runs (so tests can import this module beside
   other modules that define --config)."""
@@ -232,6 +243,11 @@ def main(argv):
     report = compile_train_step(f.config, f.topology)
   except (LibtpuMissingError, ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
+  except jax.errors.JaxRuntimeError as e:
+    message = does_not_fit(e, f.topology)
+    if message is None:
+      raise
+    sys.exit(message)
   print(format_report(report), flush=True)
   if f.json:
     with open(f.json, 'w') as out:

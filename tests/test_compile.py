@@ -61,6 +61,18 @@ def test_bad_topology_names_the_accepted_form(name):
     aot.parse_topology(name)
 
 
+def test_out_of_hbm_compile_error_becomes_one_line():
+  """What libtpu raised for the non-parameter-efficient HET baseline on v3:8x8 (BENCHMARKS.md):
+  the command answers with the topology, XLA's numbers and what to change; other errors pass."""
+  xla = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+         'temporaries (30.77G) exceeds available HBM (15.48G).\nStack trace:\n  ...')
+  assert aot.does_not_fit(RuntimeError(xla), 'v3:8x8') == (
+      'DOES NOT FIT v3:8x8: Ran out of memory on HBM, the total memory required for HLO '
+      'temporaries (30.77G) exceeds available HBM (15.48G). Shard the head or state over more '
+      'devices (mesh.shape), or lower the batch per device.')
+  assert aot.does_not_fit(RuntimeError('INTERNAL: something else'), 'v3:8x8') is None
+
+
 def test_parse_topology():
   assert aot.parse_topology('v4:4x4x4') == ('v4', (4, 4, 4))
   assert aot.parse_topology('v5e:16x16') == ('v5e', (16, 16))
