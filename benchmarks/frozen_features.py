@@ -43,19 +43,19 @@ def extract(config, workdir: str, out: str) -> dict:
   """Writes `out` (.npz): train_features [N, D] float32, train_labels [N], train_probs [N, K]
   (the model's predictions), test_features, test_labels. Returns a summary."""
   from evaluation.from_checkpoint import restore_checkpoint
-  from evaluation.reference_probs import class_probabilities, collect
+  from evaluation.collect import collect
+  from evaluation.reference_probs import class_probabilities
   from input_pipeline.sources import build_source
 
-  def features_and_probs(model, variables, images):
-    feats = model.apply(variables, images, train=False, method=type(model).features)
-    return {'features': feats.astype(jnp.float32),
-            **class_probabilities(model, variables, images)}
+  def features_and_probs(module, images):
+    return {'features': module.features(images, train=False).astype(jnp.float32),
+            **class_probabilities(module, images)}
 
   exp, variables, step = restore_checkpoint(config, workdir)
   arrays = {}
   for split, name in ((config.dataset.train_split, 'train'), (config.dataset.eval_split, 'test')):
     source, _ = build_source(config.dataset, split, config.seed, train=False)
-    c = collect(exp, variables, source, features_and_probs)
+    c = collect(exp, variables, features_and_probs, source)
     arrays.update({f'{name}_features': c['features'], f'{name}_labels': c['label']})
     if name == 'train':
       arrays['train_probs'] = c['probs']

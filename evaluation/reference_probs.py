@@ -14,54 +14,27 @@ accuracy on the clean training labels).
 """
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from evaluation.evaluator import EVAL_SEED
+from evaluation.collect import collect
 from evaluation.from_checkpoint import restore_checkpoint
 from heads.base import probabilities
-from input_pipeline.pipeline import device_batches
 from input_pipeline.sources import build_source
-from training.experiment import Experiment
-from training.mesh import batch_sharding
-from training.model import step_rngs
 
 
-def collect(exp: Experiment, variables: dict, source: Any, per_example: Callable) -> dict:
-  """One eval-mode pass of the model over `source` (eval preprocessing, padded batches):
-  `per_example(model, variables, images) -> {name: [B, ...]}` under jit, plus 'label'; returns
-  {name: array [N, ...]} in the source's order, padding removed."""
-  def step(params, batch_stats, batch):
-    out = per_example(exp.model, {'params': params, 'batch_stats': batch_stats}, batch['image'])
-    return {**out, 'label': batch['label'], 'mask': batch['mask'], 'index': batch['index']}
-
-  step = jax.jit(step, in_shardings=(exp.shardings.params, exp.shardings.batch_stats,
-                                     batch_sharding(exp.mesh)),
-                 out_shardings=NamedSharding(exp.mesh, P()))
-  columns = {}
-  for batch in device_batches(iter(exp.eval_dataset(source)), batch_sharding(exp.mesh)):
-    out = jax.device_get(step(variables['params'], variables['batch_stats'], batch))
-    for k, v in out.items():
-      columns.setdefault(k, []).append(np.asarray(v))
-  c = {k: np.concatenate(v) for k, v in columns.items()}
-  keep = c.pop('mask') > 0
-  order = np.argsort(c.pop('index')[keep])
-  return {k: v[keep][order] for k, v in c.items()}
-
-
-def class_probabilities(model: Any, variables: dict, images: jax.Array) -> dict:
-  """{'probs': [B, K] float32 rows summing to 1} (sigmoid heads normalised, as the evaluator
-  does; MC heads with the evaluator's fixed noise)."""
-  out = model.apply(variables, images, train=False,
-                    rngs=step_rngs(jax.random.key(EVAL_SEED), 0))
-  probs = probabilities(getattr(model.head, 'link', 'softmax'), out.logits).astype(jnp.float32)
+def class_probabilities(module: Any, images: jax.Array) -> dict:
+  """{'probs': [B, K] float32 rows summing to 1} of the bound Classifier `module` in eval mode
+  (sigmoid heads normalised, as the evaluator does; MC heads with the evaluator's fixed noise,
+  drawn from the rngs `evaluation.collect.collect` passes)."""
+  out = module(images, train=False)
+  probs = probabilities(getattr(module.head, 'link', 'softmax'), out.logits).astype(jnp.float32)
   return {'probs': probs / jnp.sum(probs, -1, keepdims=True)}
 
 
@@ -70,7 +43,7 @@ def reference_probs(config: ml_collections.ConfigDict, workdir: str) -> tuple[np
   clean labels)."""
   exp, variables, _ = restore_checkpoint(config, workdir)
   source, _ = build_source(config.dataset, config.dataset.train_split, config.seed, train=False)
-  c = collect(exp, variables, source, class_probabilities)
+  c = collect(exp, variables, class_probabilities, source)
   if c['label'].ndim != 1:
     raise ValueError('reference probabilities are for single-label data (label noise); this '
                      'dataset has label sets')
