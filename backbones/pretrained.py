@@ -50,8 +50,7 @@ def renumber_pre_linen(flat: Iterable[str]) -> Dict[str, str]:
   """Pre-Linen Flax numbered sibling modules with one counter (`LayerNorm_0`,
   `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`); Linen numbers each type from
   0. Returns {Linen name: name in `flat`}: every `Type_N` path segment renumbered per type and
-  parent in order of N (what `flax.training.checkpoints.convert_pre_linen` does); Linen names
-  map to themselves."""
+  parent in order of N (the pre-Linen to Linen naming rule); Linen names map to themselves."""
   children: Dict[Tuple[str, ...], set] = {}
   for key in flat:
     parts = key.split('/')

@@ -156,10 +156,5 @@ if __name__ == '__main__':
   _OUT = flags.DEFINE_string('out', '', 'write the rows as JSON here')
   flags.mark_flags_as_required(['workdir'])
 
-  def _main(argv):
-    try:
-      main(argv)
-    except (ValueError, FileNotFoundError) as e:   # a user's mistake: one line
-      raise SystemExit(f'error: {e}') from None
-  from launch import cli   # quiet library logs
-  cli.run(_main, {})
+  from launch import cli   # quiet library logs; a ValueError here is a user's mistake: one line
+  cli.run(main, {}, user_errors_too=(ValueError,))

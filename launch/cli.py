@@ -30,23 +30,25 @@ def user_errors() -> tuple:
 
 
 @contextlib.contextmanager
-def one_line_errors():
-  """Turns `user_errors()` into `error: <message>` on stderr and exit status 1."""
+def one_line_errors(also: tuple = ()):
+  """Turns `user_errors()` (and the exception types in `also`) into `error: <message>` on
+  stderr and exit status 1."""
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except
     # ml_collections defers a config file's load error to the first use of the config.
     deferred = isinstance(e, OSError) and str(e).startswith('Configuration is not available')
-    if not (deferred or isinstance(e, user_errors())):
+    if not (deferred or isinstance(e, user_errors() + tuple(also))):
       raise
-    logging.error('%s: %s', type(e).__name__, e)
     sys.exit(f'error: {e}')
 
 
-def run(main: Callable, configs: Mapping[str, str] = {'config': 'workdir'}) -> None:  # pylint: disable=dangerous-default-value
+def run(main: Callable, configs: Mapping[str, str] = {'config': 'workdir'},  # pylint: disable=dangerous-default-value
+        user_errors_too: tuple = ()) -> None:
   """`app.run(main)`, quiet (module docstring); each config flag in `configs` not given on the
   command line defaults to the config saved in the workdir its value names
-  (`configs.workdir.default_to_workdir`)."""
+  (`configs.workdir.default_to_workdir`); `user_errors_too`: more exception types that are a
+  user's mistake in this tool (one line, like `user_errors()`)."""
   from configs.workdir import default_to_workdir
   argv = sys.argv
   for flag, workdir_flag in configs.items():
@@ -55,6 +57,6 @@ def run(main: Callable, configs: Mapping[str, str] = {'config': 'workdir'}) -> N
   def wrapped(args):
     if not flags.FLAGS['verbosity'].present:   # app.run has just set INFO: quiet instead
       logging.set_verbosity(logging.WARNING)
-    with one_line_errors():
+    with one_line_errors(user_errors_too):
       return main(args)
   app.run(wrapped, argv=argv)
