@@ -20,6 +20,7 @@ temperature at the end; every run also goes to --out as one JSON line (with the 
 after each epoch). The backbone is frozen in eval mode (batch-norm running statistics), unlike
 end-to-end training.
 """
+import ast
 import json
 import os
 import statistics
@@ -80,7 +81,32 @@ def head_config(head: str, num_classes: int, a: types.SimpleNamespace):
   c.model.head_kwargs.update(resolve_head_kwargs(c.model.head, num_classes,
                                                  c.model.head_kwargs.to_dict()))
   c.optimizer.learning_rate = a.lr
+  for key, value in parse_overrides(getattr(a, 'set', ())).items():
+    *parents, leaf = key.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f'--set {key}: the config has no field {leaf!r} under '
+                       f'{".".join(parents) or "the top level"}; it has {sorted(node.keys())}')
+    node[leaf] = value
   return c
+
+
+def parse_overrides(items) -> dict:
+  """['model.head_kwargs.learn_temperature=False', ...] -> {key: Python value}: a value is read
+  as a Python literal (False, 1.0, (0.3, 3.0)) and kept as a string if it is not one."""
+  out = {}
+  for item in items:
+    key, sep, text = item.partition('=')
+    if not sep or not key:
+      raise ValueError(f'--set {item!r}: expected key=value, e.g. '
+                       'model.head_kwargs.learn_temperature=False')
+    try:
+      out[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[key] = text
+  return out
 
 
 def noisy_train_labels(data: dict, rate: float, kind: str, seed: int, reference: str) -> np.ndarray:
@@ -179,13 +205,14 @@ def train_all(a: types.SimpleNamespace) -> list:
           labels = noisy_train_labels(data, rate, kind, seed, reference)
           r = train_head(data, labels, head, seed, a)
           r.update(head=head, noise=rate, kind=kind, seed=seed, seconds=time.time() - t0,
+                   tag=a.tag, overrides=list(a.set),
                    realised_noise=float(np.mean(labels != data['train_labels'])))
           runs.append(r)
           records.append(r)
           if a.out:
             with open(a.out, 'a') as f:
               f.write(json.dumps(r) + '\n')
-        row = (f'| {head} | {rate:g} | {kind} | {len(runs)} | '
+        row = (f'| {head}{" " + a.tag if a.tag else ""} | {rate:g} | {kind} | {len(runs)} | '
                f'{mean_se([r["accuracy"] for r in runs])} | {mean_se([r["nll"] for r in runs])} | '
                f'{mean_se([r["ece"] for r in runs])} | {mean_se([r["temperature"] for r in runs])} |')
         rows.append(row)
@@ -213,6 +240,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer('factors', 6, 'train: R of het / hetxl')
   flags.DEFINE_integer('samples', 100, 'train: training MC samples of het / hetxl')
   flags.DEFINE_string('out', '', 'train: JSON lines file, one line per run (appended)')
+  flags.DEFINE_multi_string('set', [], 'train: config field=value for every head (ablations), '
+                            'e.g. --set=model.head_kwargs.learn_temperature=False '
+                            '--set=model.head_kwargs.temperature_bounds=(0.3,3.0)')
+  flags.DEFINE_string('tag', '', 'train: a name for this variant, in the table and JSON lines')
 
 
 def main(argv) -> None:
@@ -225,7 +256,7 @@ def main(argv) -> None:
     if not FLAGS.features:
       raise app.UsageError('--mode=train needs --features (written by --mode=extract)')
     names = ('features', 'heads', 'noise', 'kinds', 'seeds', 'epochs', 'batch', 'lr', 'factors',
-             'samples', 'out')
+             'samples', 'out', 'set', 'tag')
     train_all(types.SimpleNamespace(**{k: FLAGS[k].value for k in names}))
 
 

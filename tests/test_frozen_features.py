@@ -73,3 +73,25 @@ def test_extracted_features_are_the_backbone_outputs(tmp_path):
   np.testing.assert_allclose(data['train_probs'].sum(1), 1.0, rtol=1e-5)
   assert summary['train_accuracy'] == pytest.approx(
       np.mean(data['train_probs'].argmax(1) == data['train_labels']))
+
+
+def test_set_overrides_reach_the_head_and_typos_are_errors():
+  """--set (the ablations' switch): values are typed, a fixed temperature stays fixed (no learnt
+  tau is logged), and a field the config lacks is an error naming it."""
+  assert frozen_features.parse_overrides(
+      ['model.head_kwargs.temperature_bounds=(0.3, 3.0)', 'model.head_kwargs.link=softmax',
+       'model.head_kwargs.learn_temperature=False']) == {
+           'model.head_kwargs.temperature_bounds': (0.3, 3.0),
+           'model.head_kwargs.link': 'softmax', 'model.head_kwargs.learn_temperature': False}
+  c = frozen_features.head_config('hetxl', 3, _args(set=['model.head_kwargs.num_factors=4']))
+  assert c.model.head_kwargs.num_factors == 4
+  with pytest.raises(ValueError, match="no field 'num_factor'"):
+    frozen_features.head_config('hetxl', 3, _args(set=['model.head_kwargs.num_factor=4']))
+  with pytest.raises(ValueError, match='expected key=value'):
+    frozen_features.parse_overrides(['model.head_kwargs.num_factors'])
+  x, y = _blobs(300, 0)
+  data = {'train_features': x, 'train_labels': y, 'test_features': x, 'test_labels': y,
+          'train_probs': np.full((300, 3), 1 / 3, np.float32)}
+  fixed = frozen_features.train_head(data, y, 'hetxl', 0, _args(epochs=1, set=[
+      'model.head_kwargs.learn_temperature=False', 'model.head_kwargs.temperature=1.5']))
+  assert fixed['temperature'] is None
