@@ -97,7 +97,7 @@ def table(inst_bits: np.ndarray, labels: np.ndarray, class_bits: np.ndarray, siz
 
 def main(argv) -> None:
   del argv
-  from configs.resolve import resolve
+  from training.resolve import resolve
   config = resolve(_CONFIG.value)
   k = config.model.head_kwargs.bits
   sizes = [int(m) for m in _SIZES.value]

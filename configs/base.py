@@ -8,7 +8,8 @@ or `configs/x.py:phase=2,bits=20`; `parse_arg` turns it into a dict.
 from typing import Dict, Iterable
 
 import ml_collections
-import numpy as np
+
+from training.resolve import split_classes
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -38,7 +39,7 @@ def base_config() -> ConfigDict:
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'test'
   # Facts about the data: 0 = read from the data (a prepared dir's metadata.json, tfds info,
-  # the bundled digits) by `configs.resolve` before anything is derived from them; a value
+  # the bundled digits) by `training.resolve` before anything is derived from them; a value
   # set here must agree with the data (synthetic data: set them, nothing to read).
   c.dataset.num_classes = 0        # classes trained on (len(classes) when `classes` is set)
   c.dataset.image_size = 0         # stored image side (synthetic: side of generated images)
@@ -190,7 +191,7 @@ def hold_out_classes(c: ConfigDict, fraction: float, seed: int = 0) -> ConfigDic
   `dataset.ood_classes` (out-of-distribution data for evaluation, never trained on).
 
   Sets `dataset.ood_fraction` / `ood_seed`; the class lists follow from the data's class
-  count when the config is resolved (`configs.resolve`), or at once when num_classes is set."""
+  count when the config is resolved (`training.resolve`), or at once when num_classes is set."""
   if c.dataset.classes:
     raise ValueError('hold_out_classes needs the full class list, but dataset.classes is set')
   c.dataset.ood_fraction = float(fraction)
@@ -198,19 +199,6 @@ def hold_out_classes(c: ConfigDict, fraction: float, seed: int = 0) -> ConfigDic
   if c.dataset.num_classes:
     split_classes(c.dataset, c.dataset.num_classes)
   return c
-
-
-def split_classes(ds: ConfigDict, total: int) -> None:
-  """Sets ds.classes / ood_classes / num_classes from ds.ood_fraction of `total` classes."""
-  num_out = round(ds.ood_fraction * total)
-  if not 0 < num_out < total:
-    raise ValueError(f'ood={ds.ood_fraction} holds out {num_out} of {total} classes: use a '
-                     'fraction that leaves at least one class on each side')
-  order = np.random.default_rng(ds.ood_seed).permutation(total)
-  ds.classes = tuple(sorted(int(k) for k in order[num_out:]))
-  ds.ood_classes = tuple(sorted(int(k) for k in order[:num_out]))
-  ds.num_classes = total - num_out
-  ds.ood_fraction = 0.0   # done: the lists are the record
 
 
 def runlocal_small_backbone(c: ConfigDict) -> ConfigDict:

@@ -7,7 +7,7 @@ Arguments: dataset = cifar10 | caltech101 (prepared by `launch.prepare_data`, se
 recipe (stem, HET factors) and its default data; data = DIR, any prepared dataset instead (or
 `--config.dataset.data_dir=DIR`): classes, channels, stored size, example counts and pixel
 statistics come from DIR/metadata.json, after overrides, and so do the LLC bits, the epochs
-in steps and the warmup (`configs.resolve`). For your own data:
+in steps and the warmup (`training.resolve`). For your own data:
   python -m launch.main --config=configs/compare_heads.py:data=/data/my_ar,head=hetxl,epochs=10 \
       --workdir=/tmp/mine && python -m launch.main --mode=eval --workdir=/tmp/mine
 head = det | het | hetxl | soc (10 dims) | socN (N dims) | llc (LLC phase 1: the learnt-codebook
@@ -25,7 +25,7 @@ Expected: all heads within a few points of accuracy of DET on clean labels; the 
 in NLL and ECE. BENCHMARKS.md has the measured table.
 """
 from configs import base
-from llc import phases
+from configs import llc_phases as phases
 
 DATASETS = {'cifar10': ('cifar', 6), 'caltech101': ('imagenet', 16)}  # stem, HET factors
 

@@ -28,7 +28,7 @@ classes share a code (a random 7-bit codebook of 101 classes has about 71 distin
 `:runlocal` trains a tiny-width ResNet-18 for a few steps on CPU.
 """
 from configs import base
-from llc import phases
+from configs import llc_phases as phases
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, phases.CONFIG_ARGS + ('data',))

@@ -24,7 +24,7 @@ class-code accuracy was 10-16 points below DET and codes collided (see llc_calte
 `:runlocal` trains a tiny-width ResNet-18 for a few steps on CPU.
 """
 from configs import base
-from llc import phases
+from configs import llc_phases as phases
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:

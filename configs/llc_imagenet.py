@@ -18,7 +18,7 @@ Baseline codebooks from a trained classifier, unique of 1000: random 1000, CCA 8
 `:runlocal` builds a tiny-width ResNet-50 at batch 16 (running it still needs the data).
 """
 from configs import base
-from llc import phases
+from configs import llc_phases as phases
 
 SETUP_HINT = (
     'Download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into '

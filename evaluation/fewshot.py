@@ -120,9 +120,9 @@ def evaluate_fewshot(config: ml_collections.ConfigDict, workdir: str, data_dir: 
 
 def main(argv) -> None:
   del argv
-  from configs import workdir as workdir_config
+  from training.workdir import load_config
   from training.metric_writer import MetricWriter
-  config = workdir_config.get_config(_WORKDIR.value)
+  config = load_config(_WORKDIR.value)
   record = evaluate_fewshot(config, _WORKDIR.value, _DATA_DIR.value,
                             [int(n) for n in _SHOTS.value], _SEEDS.value, _L2.value,
                             _MAX_TEST.value, _NAME.value)

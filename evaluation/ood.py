@@ -3,10 +3,11 @@ r"""Out-of-distribution detection for every head: scores, AUROC, AUPR, FPR at 95
   python -m evaluation.ood --workdir=det=/tmp/w/det,hetxl=/tmp/w/hetxl,soc=/tmp/w/soc \
       --ood=heldout --ood=caltech101=.data/caltech101 [--max_examples=N] [--out=/tmp/ood.json]
 
-Each workdir is restored with its saved config (`configs/workdir.py`). In-distribution data: its
-eval split. Out-of-distribution data, per `--ood`: `heldout` = the eval split of the classes the
-config held out of training (`dataset.ood_classes`, config argument `ood=F`); `NAME=DIR` = the
-eval split of the prepared dataset at DIR, every class, resized to the model's input size.
+Each workdir is restored with its saved config (`training.workdir.load_config`).
+In-distribution data: its eval split. Out-of-distribution data, per `--ood`: `heldout` = the
+eval split of the classes the config held out of training (`dataset.ood_classes`, config
+argument `ood=F`); `NAME=DIR` = the eval split of the prepared dataset at DIR, every class,
+resized to the model's input size.
 
 Scores (higher = more likely OOD), every head: `msp` (minus the max softmax probability;
 sigmoid heads' probabilities normalised to sum to 1, as the evaluator does), `entropy` of that
@@ -130,13 +131,13 @@ def table(rows: list[dict]) -> str:
 
 def main(argv) -> None:
   del argv
-  from configs import workdir as workdir_config
+  from training.workdir import load_config
   rows = []
   for entry in _WORKDIRS.value:
     head, sep, workdir = entry.partition('=')
     if not sep:
       head, workdir = entry.rstrip('/').rsplit('/', 1)[-1], entry
-    config = workdir_config.get_config(workdir)
+    config = load_config(workdir)
     if _MAX.value:
       config.eval.max_examples = _MAX.value
     rows += [{'head': head, **r} for r in evaluate_workdir(config, workdir, _OOD.value,

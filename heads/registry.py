@@ -40,6 +40,6 @@ def head_class(name: str) -> type:
 def resolve_head_kwargs(name: str, num_classes: int, kwargs: dict) -> dict:
   """The head's kwargs with the values it derives from the class count filled in (a head
   class may define `resolve_kwargs(num_classes, kwargs) -> kwargs`, e.g. LLC's bits = 0 ->
-  ceil(2 log2 K), and check its files there); `configs.resolve` calls it after overrides."""
+  ceil(2 log2 K), and check its files there); `training.resolve` calls it after overrides."""
   hook = getattr(head_class(name), 'resolve_kwargs', None)
   return hook(num_classes, dict(kwargs)) if hook else dict(kwargs)

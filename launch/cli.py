@@ -12,8 +12,9 @@ never start absl's logging, whose level is then WARNING as well.
     cli.run(main, configs={'config': 'workdir', 'det_config': 'det_workdir'})
 """
 import contextlib
+import os
 import sys
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from absl import app, flags, logging
 
@@ -21,12 +22,39 @@ from absl import app, flags, logging
 def user_errors() -> tuple:
   """Exceptions that mean bad input (a missing file, a config that does not fit its data, a
   workdir of another model, a NaN stop...), whose messages say what to do."""
-  from configs.resolve import ConfigError
+  from training.resolve import ConfigError
   from input_pipeline.sources import LabelError
   from training.checkpointing import IncompatibleCheckpointError
   from training.workdir import WorkdirInUseError
   return (FileNotFoundError, IncompatibleCheckpointError, WorkdirInUseError,
           FloatingPointError, LabelError, ConfigError)
+
+
+# The config file that loads a workdir's saved config, named by path (launch imports no config).
+WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              'configs', 'workdir.py')
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith(f'--{name}='):
+      return a.split('=', 1)[1]
+    if a == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def default_to_workdir(argv: Sequence[str], flag: str = 'config',
+                       workdir_flag: str = 'workdir') -> list[str]:
+  """`argv` with `--FLAG=configs/workdir.py:WORKDIR` added when it names a workdir but no
+  `--FLAG` (the config of a read-only tool defaults to the one the workdir was trained with).
+  `--FLAG.a.b=v` overrides then apply to the saved config."""
+  argv = list(argv)
+  workdir = _flag_value(argv, workdir_flag)
+  if workdir and _flag_value(argv, flag) is None:
+    argv.insert(1, f'--{flag}={WORKDIR_CONFIG}:{workdir}')
+    print(f'--{flag} not given: using {os.path.join(workdir, "config.json")}', file=sys.stderr)
+  return argv
 
 
 @contextlib.contextmanager
@@ -47,9 +75,8 @@ def run(main: Callable, configs: Mapping[str, str] = {'config': 'workdir'},  # p
         user_errors_too: tuple = ()) -> None:
   """`app.run(main)`, quiet (module docstring); each config flag in `configs` not given on the
   command line defaults to the config saved in the workdir its value names
-  (`configs.workdir.default_to_workdir`); `user_errors_too`: more exception types that are a
-  user's mistake in this tool (one line, like `user_errors()`)."""
-  from configs.workdir import default_to_workdir
+  (`default_to_workdir`); `user_errors_too`: more exception types that are a user's mistake
+  in this tool (one line, like `user_errors()`)."""
   argv = sys.argv
   for flag, workdir_flag in configs.items():
     argv = default_to_workdir(argv, flag, workdir_flag)

@@ -12,7 +12,7 @@ unless `--verbosity=0` (`launch.cli`).
 
 Without --config, the workdir's saved config.json is used (`configs.workdir`): for
 --mode=eval, and to resume a run as it was. The config is resolved against its data
-(`configs.resolve`) before anything is built; a config that does not fit its data stops with
+(`training.resolve`) before anything is built; a config that does not fit its data stops with
 one line naming the field to set.
 
 On a cluster (TPU pod, multi-node GPU) every process runs the same command; the JAX

@@ -117,7 +117,7 @@ def write(values: np.ndarray, out: str) -> dict:
 
 def main(argv) -> None:
   del argv
-  from configs.resolve import resolve
+  from training.resolve import resolve
   config = _CONFIG.value and resolve(_CONFIG.value)
   values = build(_KIND.value, _BITS.value, num_classes=_NUM_CLASSES.value, seed=_SEED.value,
                  det_workdir=_DET.value, config=config, max_examples=_MAX.value)

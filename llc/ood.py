@@ -195,7 +195,7 @@ def main(argv) -> None:
   import jax
   from launch.distributed import initialize_distributed
   initialize_distributed()
-  from configs.resolve import resolve   # held-out classes follow from the data's K
+  from training.resolve import resolve   # held-out classes follow from the data's K
   det_config = _DET_CONFIG.value and resolve(_DET_CONFIG.value)
   record = evaluate_ood(resolve(_CONFIG.value), _WORKDIR.value, det_config, _DET_WORKDIR.value,
                         _PHASE1.value, _REPEATS.value)

@@ -125,7 +125,7 @@ def main(argv) -> None:
   from input_pipeline.sources import build_source
   if not os.path.isfile(_CODEBOOK.value):
     sys.exit(f'error: codebook file {_CODEBOOK.value} does not exist')
-  from configs.resolve import resolve
+  from training.resolve import resolve
   config = resolve(_CONFIG.value)
   names = build_source(config.dataset, config.dataset.eval_split, config.seed,
                        train=False)[1].class_names

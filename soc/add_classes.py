@@ -171,7 +171,7 @@ _INCLUDE_OLD = flags.DEFINE_bool('include_old', True,
 
 def main(argv):
   del argv
-  from configs.resolve import resolve
+  from training.resolve import resolve
   record = add_classes(resolve(_CONFIG.value), _WORKDIR.value, _NEW_WORKDIR.value,
                        [int(c) for c in _NEW_CLASSES.value], _STEPS.value, _LR.value,
                        _INCLUDE_OLD.value)

@@ -34,9 +34,9 @@ def override(c, overrides: dict):
 
 def resolved_config(path: str, arg: str | None = None, **overrides):
   """load_config(path, arg), `overrides` ('a.b': v) applied as --config.a.b=v would, then
-  resolved (`configs.resolve`) without reading data from disk: a named prepared dataset's facts (FACTS)
+  resolved (`training.resolve`) without reading data from disk: a named prepared dataset's facts (FACTS)
   stand in for its metadata.json."""
-  from configs.resolve import resolve
+  from training.resolve import resolve
   c = load_config(path, arg)
   name = c.dataset.tfds_name or os.path.basename(c.dataset.data_dir)
   if c.dataset.name in ('arrayrecord', 'tfds') and name in FACTS:

@@ -10,10 +10,11 @@ import optax
 import pytest
 from flax import linen as nn
 
+from configs import llc_phases as phases
 from heads.softmax import SoftmaxHead
-from llc import baselines, codebook_io, codes, phases
+from llc import baselines, codebook_io, codes
 from llc.heads import CodebookHead, InstanceCodeHead
-from configs.resolve import resolve
+from training.resolve import resolve
 from tests.helpers import load_config, resolved_config
 
 LLC_CONFIGS = ('llc_cifar10.py', 'llc_caltech101.py', 'llc_imagenet.py')
@@ -269,7 +270,7 @@ def _digits_config(head: str, **head_kwargs) -> ml_collections.ConfigDict:
 def test_end_to_end_phase1_export_phase2_evaluate(tmp_path, capsys):
   from llc import baseline_codebooks
   from llc.evaluate import EVAL_FILE, evaluate_llc
-  from training.loop import train_and_evaluate
+  from launch.train import train_and_evaluate
   p1_dir, p2_dir, det_dir = (str(tmp_path / d) for d in ('p1', 'p2', 'det'))
 
   p1_config = _digits_config('llc_codebook', bits=6, label_smoothing=0.1)

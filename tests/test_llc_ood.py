@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from llc import ood, phases
+from configs import llc_phases as phases
+from llc import ood
 from tests.helpers import load_config, resolved_config
 
 
@@ -65,7 +66,7 @@ def test_hold_out_classes_partitions_seeded_and_checks_fraction():
 def test_digits_end_to_end_against_the_workdirs_own_evaluations(tmp_path):
   from input_pipeline.sources import _digits
   from llc.evaluate import evaluate_llc
-  from training.loop import train_and_evaluate
+  from launch.train import train_and_evaluate
   from tests.test_llc_heads import _digits_config
 
   def config(head, **kwargs):

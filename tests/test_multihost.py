@@ -75,7 +75,7 @@ def test_two_processes_match_one_and_resume(tmp_path):
 LLC_CONFIG = """
 import ml_collections
 from configs import base, quickstart
-from llc import phases
+from configs import llc_phases as phases
 
 def get_config(arg=None):
   c = quickstart.get_config('runlocal')

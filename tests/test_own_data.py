@@ -11,7 +11,7 @@ from PIL import Image
 
 from input_pipeline import records
 from input_pipeline.sources import RecordSource
-from configs.resolve import ConfigError, resolve
+from training.resolve import ConfigError, resolve
 from launch import prepare_data
 from tests.helpers import last_json, override, run_main, run_module
 
@@ -135,12 +135,12 @@ def test_idx_source_roundtrip_and_pixel_statistics(tmp_path):
 
 # ----- cases 1-5: a run on the data, its eval, LLC phase 2, a changed resume -------------------
 
-# The LLC configs' arguments and optimizer (llc.phases) on quickstart's small convnet, so a run
+# The LLC configs' arguments and optimizer (configs.llc_phases) on quickstart's small convnet, so a run
 # compiles in seconds; `data=DIR` as in llc_cifar10.py.
 LLC_CONFIG = """
 import ml_collections
 from configs import base, quickstart
-from llc import phases
+from configs import llc_phases as phases
 
 def get_config(arg=None):
   args = base.parse_arg(arg, phases.CONFIG_ARGS + ('data',))

@@ -9,7 +9,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from configs.resolve import resolve
+from training.resolve import resolve
 from input_pipeline.pipeline import eval_dataset, preprocess
 from input_pipeline.sources import DatasetInfo, Subset, build_source
 from training.mesh import batch_sharding, build_mesh
@@ -39,7 +39,7 @@ class Experiment:
 
     `with_data=False` (ahead-of-time compilation) opens no dataset when the config fixes the
     image shape (`config_image_shape`); `eval_source` and `info` are then None. `config` is
-    resolved first, in place (`configs.resolve`: values derived from the data and the final
+    resolved first, in place (`training.resolve`: values derived from the data and the final
     fields, checked against the data).
     """
     resolve(config, with_data=with_data or config_image_shape(config) is None)

@@ -1,10 +1,13 @@
-"""The workdir: a lock so two runs never write into one, and the resolved config."""
+"""The workdir: a lock so two runs never write into one, and the resolved config (saved, loaded)."""
 import json
 import os
 import socket
 
 import jax
 import ml_collections
+
+
+CONFIG_FILE = 'config.json'
 
 
 class WorkdirInUseError(RuntimeError):
@@ -77,7 +80,7 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() != 0:
     return
   from training.checkpointing import config_changes, scan_steps
-  path = os.path.join(workdir, 'config.json')
+  path = os.path.join(workdir, CONFIG_FILE)
   text = config.to_json_best_effort(indent=2)
   if os.path.exists(path):
     with open(path) as f:
@@ -95,3 +98,23 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   with open(tmp, 'w') as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def _tuples(value):
+  """JSON lists back to the tuples configs use (mesh.shape, mean, classes, lr_mults, ...)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config saved in `workdir` by `save_config` (its config.json, lists as tuples).
+  Raises FileNotFoundError, naming the file, when the workdir has none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} does not exist: {workdir} was never trained (no saved '
+                            'config); give the training config with --config=...')
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))

@@ -29,14 +29,28 @@ import dataclasses
 
 import jax
 import ml_collections
-
-from configs import base
+import numpy as np
 
 ConfigDict = ml_collections.ConfigDict
 
 
 class ConfigError(ValueError):
   """The config does not fit its data, or asks for something it cannot derive."""
+
+
+def split_classes(ds: ConfigDict, total: int) -> None:
+  """Sets ds.classes / ood_classes / num_classes from ds.ood_fraction of `total` classes: a
+  permutation seeded by ds.ood_seed holds out round(ood_fraction * total) of them. Raises
+  ValueError unless at least one class is left on each side."""
+  num_out = round(ds.ood_fraction * total)
+  if not 0 < num_out < total:
+    raise ValueError(f'ood={ds.ood_fraction} holds out {num_out} of {total} classes: use a '
+                     'fraction that leaves at least one class on each side')
+  order = np.random.default_rng(ds.ood_seed).permutation(total)
+  ds.classes = tuple(sorted(int(k) for k in order[num_out:]))
+  ds.ood_classes = tuple(sorted(int(k) for k in order[:num_out]))
+  ds.num_classes = total - num_out
+  ds.ood_fraction = 0.0   # done: the lists are the record
 
 
 def _facts(ds: ConfigDict):
@@ -71,7 +85,7 @@ def _dataset(ds: ConfigDict, facts, notes: list) -> None:
   if ds.ood_fraction:
     if not (total or ds.num_classes):
       raise _need('dataset.num_classes', 'no data is read here (ood_fraction needs it)')
-    base.split_classes(ds, total or ds.num_classes)
+    split_classes(ds, total or ds.num_classes)
     notes.append(f'held-out classes {len(ds.ood_classes)} of {ds.num_classes + len(ds.ood_classes)}')
   kept = len(ds.classes) if ds.classes else total
   if ds.classes and total and max(ds.classes) >= total:

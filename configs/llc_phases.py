@@ -1,4 +1,4 @@
-"""Config arguments shared by the LLC configs: which phase, how many bits, where codes come from.
+"""The LLC configs' phase wiring: which phase, how many bits, where codes come from.
 
   :phase=1,bits=k[,codebook_init=FILE][,backbone_from=DIR]   learn a k-bit codebook
   :phase=2,bits=k,phase1=DIR[,codebook=FILE]                  instance codes, warm-started
@@ -14,7 +14,7 @@ lr 0.1 -> 0.01); `codebook=FILE` replaces the codebook. `backbone_from=DIR` warm
 backbone only (e.g. from a DET workdir). `bits` defaults to ceil(2 log2 K) of the data's K.
 The phase-1 workdir is checked when the config is built (it exists, holds a finished
 checkpoint and its exported codebook.npy); the codebook's shape [K, bits] is checked when the
-config is resolved (`configs.resolve`, after `--config.*` overrides), so a missing or
+config is resolved (`training.resolve`, after `--config.*` overrides), so a missing or
 mismatched phase-1 workdir stops before any training; `:runlocal` phase 2 without
 phase1/codebook builds, and fails when the head is initialised.
 """
@@ -40,7 +40,7 @@ def paper_optimizer(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 5e-4
   c.optimizer.learning_rate = 0.05
-  c.optimizer.lr_batch_size = 64   # scaled to the final input.batch_size by configs.resolve
+  c.optimizer.lr_batch_size = 64   # scaled to the final input.batch_size by training.resolve
   return c
 
 
@@ -48,7 +48,7 @@ def configure(c: ml_collections.ConfigDict, args: dict,
               default_bits: int = 0) -> ml_collections.ConfigDict:
   """Sets head, codebook, warm start and held-out classes of `c` from parsed config arguments.
   Nothing here depends on the class count: bits = `default_bits` (0: ceil(2 log2 K)) and the
-  codebook checks are resolved after overrides (`llc.heads.default_bits`, `configs.resolve`)."""
+  codebook checks are resolved after overrides (`llc.heads.default_bits`, `training.resolve`)."""
   if 'ood' in args:
     base.hold_out_classes(c, float(args['ood']))
   given = lambda key: os.path.abspath(args[key]) if args.get(key) else ''
