@@ -9,7 +9,13 @@ once, then train DET / HET / HET-XL heads on them under label noise, many seeds,
       --features=/tmp/f.npz
   # 2. heads x noise kinds x rates x seeds; one markdown table of mean +- standard error:
   python benchmarks/frozen_features.py --mode=train --features=/tmp/f.npz --heads=det,het,hetxl \
-      --noise=0,0.2,0.4 --kinds=symmetric,class_dependent,input_dependent --seeds=5 --epochs=10
+      --noise=0,0.2,0.4 --kinds=symmetric,class_dependent,input_dependent --seeds=5 --epochs=10 \
+      --out=/tmp/frozen.jsonl
+  #    an ablation of one head (a config field per --set, named by --tag in the table):
+  python benchmarks/frozen_features.py --mode=train --features=/tmp/f.npz --heads=hetxl \
+      --noise=0.4 --kinds=symmetric --tag=fixed_tau1 --set=model.head_kwargs.learn_temperature=False
+  # 3. NLL against the noise rate per head and kind, and HET-XL's tau per epoch, from --out:
+  python benchmarks/frozen_features.py --mode=plot --out=/tmp/frozen.jsonl --plot=/tmp/frozen.png
 
 Training: the heads of `configs.base.comparison_head` (HET / HET-XL with --factors, --samples
 train / 1000 eval samples, temperature learnt in [0.05, 5]), Adam (--lr, warmup + cosine, the
@@ -125,6 +131,7 @@ def train_head(data: dict, labels: np.ndarray, head: str, seed: int,
                a: types.SimpleNamespace) -> dict:
   """Trains one head on the train features with `labels`; evaluates on the clean test split."""
   from evaluation.calibration import bin_statistics, expected_calibration_error
+  from evaluation.evaluator import EVAL_SEED
   from heads.base import probabilities
   from heads.registry import build_head
   from training.model import step_rngs
@@ -137,7 +144,7 @@ def train_head(data: dict, labels: np.ndarray, head: str, seed: int,
   num_steps = a.epochs * steps_per_epoch
   c.optimizer.warmup_steps = min(steps_per_epoch, num_steps // 10)
   key = jax.random.key(seed)
-  params = model.init({'params': key, **step_rngs(key, 0)}, x[:2])['params']
+  params = model.init({'params': key, **step_rngs(key, 0, model)}, x[:2])['params']
   params = nn.meta.unbox(params)
   tx = build_optimizer(c.optimizer, num_steps, params)
   opt_state = tx.init(params)
@@ -145,7 +152,7 @@ def train_head(data: dict, labels: np.ndarray, head: str, seed: int,
   @jax.jit
   def step(params, opt_state, i, xb, yb):
     def loss_fn(p):
-      out, aux = model.apply({'params': p}, xb, yb, train=True, rngs=step_rngs(key, i),
+      out, aux = model.apply({'params': p}, xb, yb, train=True, rngs=step_rngs(key, i, model),
                              mutable=['head_metrics'])
       return jnp.mean(out.loss), aux
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -155,8 +162,8 @@ def train_head(data: dict, labels: np.ndarray, head: str, seed: int,
   @jax.jit
   def predict(params, xb):
     out = model.apply({'params': params}, xb, train=False,
-                      rngs=step_rngs(jax.random.key(20260101), 0))
-    probs = probabilities(getattr(model, 'link', 'softmax'), out.logits)
+                      rngs=step_rngs(jax.random.key(EVAL_SEED), 0, model))
+    probs = probabilities(model.link, out.logits)
     return probs / jnp.sum(probs, -1, keepdims=True)
 
   order_rng = np.random.default_rng(seed)
@@ -220,6 +227,41 @@ def train_all(a: types.SimpleNamespace) -> list:
   return records
 
 
+def plot(records: list, path: str) -> None:
+  """One PNG: test NLL against the fraction of flipped labels per head and noise kind (mean +-
+  standard error over seeds; clean runs at 0 in every panel), and HET-XL's learnt temperature
+  after each epoch (one line per seed and cell)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  records = [r for r in records if not r.get('tag')]
+  kinds = sorted({r['kind'] for r in records} - {'none'})
+  heads = list(dict.fromkeys(r['head'] for r in records))
+  fig, axes = plt.subplots(1, len(kinds) + 1, figsize=(4 * (len(kinds) + 1), 3.4))
+  for ax, kind in zip(axes, kinds):
+    for head in heads:
+      cell = {}
+      for r in records:
+        if r['head'] == head and r['kind'] in (kind, 'none'):
+          cell.setdefault(r['noise'], []).append(r['nll'])
+      rates = sorted(cell)
+      mean = [statistics.mean(cell[x]) for x in rates]
+      se = [statistics.stdev(cell[x]) / len(cell[x]) ** 0.5 if len(cell[x]) > 1 else 0
+            for x in rates]
+      ax.errorbar(rates, mean, yerr=se, marker='o', capsize=3, label=head)
+    ax.set(title=f'{kind} noise', xlabel='fraction of training labels flipped', ylabel='test NLL')
+    ax.legend()
+  ax = axes[-1]
+  for r in records:
+    if r['head'] == 'hetxl' and r.get('temperature_per_epoch'):
+      taus = r['temperature_per_epoch']
+      ax.plot(range(1, len(taus) + 1), taus, alpha=0.4,
+              color={0.0: 'k', 0.2: 'tab:blue', 0.4: 'tab:red'}.get(r['noise'], 'tab:gray'))
+  ax.set(title='HET-XL tau (black 0%, blue 20%, red 40%)', xlabel='epoch', ylabel='tau')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -227,7 +269,8 @@ def _define_flags() -> None:
   """Defined only when the command runs, so tests can import this module beside other
   modules that define --config."""
   config_flags.DEFINE_config_file('config', None, 'extract: config[:args] of --workdir')
-  flags.DEFINE_enum('mode', None, ['extract', 'train'], 'extract features, or train heads on them')
+  flags.DEFINE_enum('mode', None, ['extract', 'train', 'plot'],
+                    'extract features, train heads on them, or plot the --out records')
   flags.DEFINE_string('workdir', None, 'extract: trained workdir (latest checkpoint)')
   flags.DEFINE_string('features', None, 'extract: .npz to write; train: .npz to read')
   flags.DEFINE_string('heads', 'det,het,hetxl', 'train: heads (configs.base.comparison_head)')
@@ -243,6 +286,7 @@ def _define_flags() -> None:
   flags.DEFINE_multi_string('set', [], 'train: config field=value for every head (ablations), '
                             'e.g. --set=model.head_kwargs.learn_temperature=False '
                             '--set=model.head_kwargs.temperature_bounds=(0.3,3.0)')
+  flags.DEFINE_string('plot', '', 'plot: the PNG to write from the --out JSON lines')
   flags.DEFINE_string('tag', '', 'train: a name for this variant, in the table and JSON lines')
 
 
@@ -252,6 +296,11 @@ def main(argv) -> None:
     if not (FLAGS.config and FLAGS.workdir and FLAGS.features):
       raise app.UsageError('--mode=extract needs --config, --workdir and --features')
     print(json.dumps(extract(FLAGS.config, FLAGS.workdir, FLAGS.features)), flush=True)
+  elif FLAGS.mode == 'plot':
+    if not (FLAGS.out and FLAGS.plot):
+      raise app.UsageError('--mode=plot needs --out (JSON lines of --mode=train) and --plot')
+    with open(FLAGS.out) as f:
+      plot([json.loads(line) for line in f], FLAGS.plot)
   else:
     if not FLAGS.features:
       raise app.UsageError('--mode=train needs --features (written by --mode=extract)')
