@@ -3,10 +3,8 @@
 Configs start from `base_config()`, set what their experiment needs, and return the dict
 locked (`lock_config=True` in `launch.main`), so a misspelt override fails instead of being
 silently ignored. Variants come from the string after the colon: `configs/x.py:det,runlocal`
-or `configs/x.py:phase=2,bits=20`; `parse_arg` turns it into a dict.
+or `configs/x.py:phase=2,bits=20`; `parse_arg` types it (big_vision style).
 """
-from typing import Dict, Iterable
-
 import ml_collections
 
 from training.resolve import split_classes
@@ -14,17 +12,42 @@ from training.resolve import split_classes
 ConfigDict = ml_collections.ConfigDict
 
 
-def parse_arg(arg: str | None, allowed: Iterable[str]) -> Dict[str, str]:
-  """'det,runlocal,bits=20' -> {'det': 'True', 'runlocal': 'True', 'bits': '20'}."""
-  allowed = set(allowed)
-  parsed = {}
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+  """The variant string after a config's colon, typed (big_vision's `parse_arg`):
+  parse_arg('det,bits=20', det=False, bits=0, data='') -> {det: True, bits: 20, data: ''}.
+
+  Each keyword is an argument the config accepts; its default's type converts the given text:
+  bool ('True' / 'true' / the bare name -> True, 'False' / 'false' -> False), int, float or
+  str. A default `(None, type)` stays None unless given (for arguments whose absence matters).
+  Returns every argument, given or default. Raises ValueError naming `arg`, the argument and
+  what it accepts, for an unknown argument or a value its type cannot hold.
+  """
+  kinds = {k: v[1] if isinstance(v, tuple) else type(v) for k, v in defaults.items()}
+  parsed = ConfigDict({k: v[0] if isinstance(v, tuple) else v for k, v in defaults.items()})
   for part in filter(None, (arg or '').split(',')):
-    key, _, value = part.partition('=')
-    key = key.strip()
-    if key not in allowed:
-      raise ValueError(f'unknown config argument {key!r}; this config accepts {sorted(allowed)}')
-    parsed[key] = value.strip() if value else 'True'
+    key, has_value, text = (s.strip() for s in part.partition('='))
+    if key not in kinds:
+      raise ValueError(f'unknown config argument {key!r} in {arg!r}; this config accepts '
+                       f'{sorted(kinds)}')
+    parsed[key] = _typed(arg, key, text if has_value else None, kinds[key])
   return parsed
+
+
+def _typed(arg: str, key: str, text: str | None, kind: type):
+  """`text` (None: the bare name) as a `kind`; a ValueError naming `arg`, `key` and `kind`."""
+  if kind is bool:
+    value = True if text is None else {'true': True, 'false': False}.get(text.lower())
+  else:
+    try:
+      value = None if text is None else kind(text)
+    except ValueError:
+      value = None
+  if value is None:
+    want = ('True or False (the bare name is True)' if kind is bool else
+            f'{kind.__name__}: {key}=<{kind.__name__}>')
+    given = key if text is None else f'{key}={text}'
+    raise ValueError(f'config argument {given!r} in {arg!r}: {key} must be {want}')
+  return value
 
 
 def base_config() -> ConfigDict:
@@ -122,8 +145,18 @@ def base_config() -> ConfigDict:
   return c
 
 
-def runlocal(c: ConfigDict) -> ConfigDict:
-  """Shrinks any config so it trains and evaluates on a 2-core CPU in seconds."""
+def runlocal(c: ConfigDict, *, stand_in: bool = False) -> ConfigDict:
+  """`:runlocal`: shrinks any config so it trains and evaluates on a 2-core CPU in seconds:
+  batches of 16 (eval 32), 4 steps, 64 eval examples, the same backbone family at a tiny
+  width, 8 MC samples for a HET / HET-XL head. `stand_in=True` (private or large data) also
+  swaps in a synthetic source with the config's class count (`synthetic_stand_in`), computes
+  in float32 and evaluates on its 'test' split. Call it last, once the head is set."""
+  if stand_in:
+    synthetic_stand_in(c)
+    c.model.dtype = 'float32'
+    if 'compute_dtype' in c.model.head_kwargs:
+      c.model.head_kwargs.compute_dtype = 'float32'
+    c.dataset.eval_split = 'test'
   c.input.batch_size = min(c.input.batch_size, 16)
   c.input.eval_batch_size = min(c.input.eval_batch_size, 32)
   c.input.num_workers = 0
@@ -136,6 +169,12 @@ def runlocal(c: ConfigDict) -> ConfigDict:
   c.eval.max_examples = 64
   c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 1)
   c.optimizer.warmup_epochs = 0.0
+  if c.model.backbone.startswith('resnet'):
+    c.model.backbone_kwargs.width = 0.125
+  elif c.model.backbone.startswith('vit'):
+    c.model.backbone_kwargs.update(dict(width=64, depth=1, num_heads=2, mlp_dim=128))
+  if c.model.head in ('het', 'hetxl'):
+    c.model.head_kwargs.update(dict(train_mc_samples=8, eval_mc_samples=8, mc_chunk_size=4))
   return c
 
 
@@ -201,15 +240,6 @@ def hold_out_classes(c: ConfigDict, fraction: float, seed: int = 0) -> ConfigDic
   return c
 
 
-def runlocal_small_backbone(c: ConfigDict) -> ConfigDict:
-  """For `:runlocal`: the same backbone family at a tiny width, so a CPU step takes seconds."""
-  if c.model.backbone.startswith('resnet'):
-    c.model.backbone_kwargs.width = 0.125
-  elif c.model.backbone.startswith('vit'):
-    c.model.backbone_kwargs.update(dict(width=64, depth=1, num_heads=2, mlp_dim=128))
-  return c
-
-
 def hetxl_head(c: ConfigDict, *, kind: str = 'hetxl', num_factors: int, link: str = 'softmax',
                parameter_efficient: bool = False, train_samples: int = 1000,
                eval_samples: int = 1000, chunk: int = 128, temperature: float = 1.0,
@@ -263,19 +293,6 @@ def vit_pretraining(c: ConfigDict, *, backbone: str, num_classes: int, setup_hin
   return c
 
 
-def runlocal_stand_in(c: ConfigDict) -> ConfigDict:
-  """`:runlocal` for the large-scale configs: synthetic data with the same class count, a
-  tiny backbone, few MC samples, float32."""
-  synthetic_stand_in(c)
-  runlocal_small_backbone(runlocal(c))
-  runlocal_mc(c)
-  c.model.dtype = 'float32'
-  if 'compute_dtype' in c.model.head_kwargs:
-    c.model.head_kwargs.compute_dtype = 'float32'
-  c.dataset.eval_split = 'test'
-  return c
-
-
 def comparison_head(c: ConfigDict, head: str, *, num_factors: int, train_samples: int,
                     eval_samples: int, chunk: int, bounds: tuple = (0.05, 5.0),
                     parameter_efficient: bool = False) -> ConfigDict:
@@ -302,15 +319,6 @@ def det_head(c: ConfigDict, *, link: str = 'softmax', bias_init: float = 0.0) ->
   """The deterministic head of a HET/HET-XL config's `det` variant: same link and bias."""
   c.model.head = 'softmax'
   c.model.head_kwargs = ConfigDict(dict(link=link, bias_init=bias_init))
-  return c
-
-
-def runlocal_mc(c: ConfigDict, samples: int = 8, chunk: int = 4) -> ConfigDict:
-  """Fewer Monte-Carlo samples for `:runlocal`."""
-  if 'train_mc_samples' in c.model.head_kwargs:
-    c.model.head_kwargs.train_mc_samples = samples
-    c.model.head_kwargs.eval_mc_samples = samples
-    c.model.head_kwargs.mc_chunk_size = chunk
   return c
 
 

@@ -31,33 +31,33 @@ DATASETS = {'cifar10': ('cifar', 6), 'caltech101': ('imagenet', 16)}  # stem, HE
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['dataset', 'data', 'head', 'noise', 'noise_kind', 'epochs',
-                              'width', 'phase1', 'tau', 'ood', 'runlocal'])
-  dataset, head = args.get('dataset', 'cifar10'), args.get('head', 'det')
+  args = base.parse_arg(arg, dataset='cifar10', data='', head='det', noise=0.0,
+                        noise_kind='symmetric', epochs=30.0, width=1.0, phase1=(None, str),
+                        tau=(None, str), ood=(None, float), runlocal=False)
+  dataset, head = args.dataset, args.head
   if dataset not in DATASETS:
     raise ValueError(f'dataset must be one of {sorted(DATASETS)}, got {dataset!r}')
   stem, factors = DATASETS[dataset]
-  c = base.small_image_recipe(base.base_config(), dataset, epochs=float(args.get('epochs', 30)),
-                              batch_size=128, stem=stem, data_dir=args.get('data', ''))
-  if 'ood' in args:
-    base.hold_out_classes(c, float(args['ood']))
+  c = base.small_image_recipe(base.base_config(), dataset, epochs=args.epochs, batch_size=128,
+                              stem=stem, data_dir=args.data)
+  if args.ood is not None:
+    base.hold_out_classes(c, args.ood)
   c.input.num_workers = 1
-  c.model.backbone_kwargs.width = float(args.get('width', 1.0))
-  bounds = tuple(float(v) for v in args.get('tau', '0.05:5.0').split(':'))
+  c.model.backbone_kwargs.width = args.width
+  bounds = tuple(float(v) for v in (args.tau or '0.05:5.0').split(':'))
   base.comparison_head(c, head, num_factors=factors, train_samples=100, eval_samples=1000,
                        chunk=100, bounds=bounds)
-  if 'phase1' in args:   # LLC phase 2 from that phase-1 workdir
+  if args.phase1 is not None:   # LLC phase 2 from that phase-1 workdir
     if head != 'llc':
       raise ValueError('phase1=DIR applies to head=llc only')
-    phases.configure(c, {'phase': '2', 'phase1': args['phase1']})
-  if 'tau' in args and head not in ('het', 'hetxl'):
+    phases.configure(c, {'phase': 2, 'phase1': args.phase1})
+  if args.tau is not None and head not in ('het', 'hetxl'):
     raise ValueError('tau=LO:HI applies to head=het or hetxl only')
-  c.dataset.label_noise = float(args.get('noise', 0.0))
-  c.dataset.label_noise_kind = args.get('noise_kind', 'symmetric')
+  c.dataset.label_noise = args.noise
+  c.dataset.label_noise_kind = args.noise_kind
   c.train.log_every = 50
   c.train.eval_every = 0
   c.train.eval_every_epochs = 0.0
-  if 'runlocal' in args:
-    base.runlocal_small_backbone(base.runlocal(c))
-    base.runlocal_mc(c)
+  if args.runlocal:
+    base.runlocal(c)
   return c

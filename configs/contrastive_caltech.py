@@ -74,23 +74,22 @@ def _prepared(c: base.ConfigDict, name: str, num_classes: int, size: int) -> Non
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['hetxl', 'text', 'epochs', 'seed', 'split', 'eval_on', 'size',
-                              'batch', 'runlocal'])
-  epochs, batch_size = int(args.get('epochs', 10)), int(args.get('batch', 128))
-  text, eval_on = args.get('text', 'transformer'), args.get('eval_on', 'seen')
+  args = base.parse_arg(arg, hetxl=False, text='transformer', epochs=10, seed=0, split=0,
+                        eval_on='seen', size=64, batch=128, runlocal=False)
+  epochs, batch_size, text, eval_on = args.epochs, args.batch, args.text, args.eval_on
   if eval_on not in ('seen', 'heldout', 'cifar10'):
     raise ValueError(f'eval_on must be seen, heldout or cifar10, got {eval_on!r}')
   c = base.base_config()
-  c.seed = int(args.get('seed', 0))
+  c.seed = args.seed
   _prepared(c, 'caltech101', CLASSES, 64)
-  seen, held = class_split(int(args.get('split', 0)))
+  seen, held = class_split(args.split)
   c.dataset.classes, c.dataset.ood_classes = seen, held
   c.dataset.num_classes = len(seen)
   steps_per_epoch = round(TRAIN_EXAMPLES * (1 - HELD_OUT)) // batch_size
   c.input.batch_size = batch_size
   c.input.eval_batch_size = 500
   c.input.train_augment = 'flip'
-  c.input.image_size = int(args.get('size', 64))
+  c.input.image_size = args.size
   c.input.eval_preprocess = 'resize'
   c.input.mean = (0.4914, 0.4822, 0.4465)
   c.input.std = (0.2470, 0.2435, 0.2616)
@@ -105,15 +104,15 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c.train.log_every = 20
   c.train.eval_every = 0
   c.train.checkpoint_every = steps_per_epoch * 5
-  contrastive_head(c, noise='hetxl' if 'hetxl' in args else 'none', text=text)
+  contrastive_head(c, noise='hetxl' if args.hetxl else 'none', text=text)
   if eval_on == 'heldout':
     c.dataset.classes, c.dataset.ood_classes = held, seen
     c.dataset.num_classes = len(held)
   elif eval_on == 'cifar10':
     _prepared(c, 'cifar10', 10, 32)
     c.dataset.classes = c.dataset.ood_classes = ()
-  if 'runlocal' in args:
-    base.runlocal(base.synthetic_stand_in(c))
+  if args.runlocal:
+    base.runlocal(c, stand_in=True)
     c.model.backbone, c.model.backbone_kwargs = 'convnet', base.ConfigDict(dict(features=32))
     c.dataset.classes = c.dataset.ood_classes = ()
     c.dataset.num_classes = 5

@@ -24,18 +24,19 @@ from configs import base
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['ckpt', 'backbone', 'head', 'data', 'size', 'steps', 'runlocal'])
+  args = base.parse_arg(arg, ckpt='', backbone='vit_b16', head='hetxl', data='', size=224,
+                        steps=10_000, runlocal=False)
   c = base.base_config()
-  base.prepared_dataset(c, 'cifar10', args.get('data', ''))
+  base.prepared_dataset(c, 'cifar10', args.data)
   c.input.batch_size = 512
   c.input.eval_batch_size = 512
-  c.input.image_size = int(args.get('size', 224))
+  c.input.image_size = args.size
   c.input.train_augment = 'inception'
   c.input.eval_preprocess = 'center_crop'
   c.input.mean, c.input.std = (0.5,), (0.5,)     # [-1, 1], as big_vision's value_range(-1, 1)
   c.input.num_workers = 8
-  c.model.backbone = args.get('backbone', 'vit_b16')
-  base.comparison_head(c, args.get('head', 'hetxl'), num_factors=15, train_samples=1000,
+  c.model.backbone = args.backbone
+  base.comparison_head(c, args.head, num_factors=15, train_samples=1000,
                        eval_samples=1000, chunk=100)
   c.optimizer.name = 'sgd'
   c.optimizer.momentum = 0.9
@@ -43,15 +44,13 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c.optimizer.lr_batch_size = 512
   c.optimizer.warmup_steps = 500
   c.optimizer.grad_clip_norm = 1.0
-  c.train.num_steps = int(args.get('steps', 10_000))
+  c.train.num_steps = args.steps
   c.train.epochs = 0.0
   c.train.log_every = 100
   c.train.checkpoint_every = 1000
-  c.train.init_from = args.get('ckpt', '')
+  c.train.init_from = args.ckpt
   c.train.init_prefixes = ('backbone',)
-  if 'runlocal' in args:
-    base.synthetic_stand_in(c)
+  if args.runlocal:
     c.dataset.num_classes = 10
-    base.runlocal_small_backbone(base.runlocal(c))
-    base.runlocal_mc(c)
+    base.runlocal(c, stand_in=True)
   return c

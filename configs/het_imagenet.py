@@ -15,7 +15,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['det', 'runlocal'])
+  args = base.parse_arg(arg, det=False, runlocal=False)
   c = base.base_config()
   c.dataset.name = 'tfds'
   c.dataset.tfds_name = 'imagenet2012'
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c.model.backbone = 'resnet50'
   c.model.backbone_kwargs.width = 1.0
   c.model.dtype = 'bfloat16'
-  if 'det' in args:
+  if args.det:
     base.det_head(c)
   else:
     base.hetxl_head(c, kind='het', num_factors=15, train_samples=5000, eval_samples=5000,
@@ -54,6 +54,6 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c.train.eval_every_epochs = 10.0
   c.train.checkpoint_every = 0
   c.train.checkpoint_every_epochs = 1.0
-  if 'runlocal' in args:
-    base.runlocal_stand_in(c)
+  if args.runlocal:
+    base.runlocal(c, stand_in=True)
   return c

@@ -20,17 +20,17 @@ from configs import base
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['det', 'het', 'noise', 'noise_kind', 'data', 'runlocal'])
+  args = base.parse_arg(arg, det=False, het=False, noise=0.0, noise_kind='symmetric', data='',
+                        runlocal=False)
   c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128,
-                              data_dir=args.get('data', ''))
-  if 'det' in args:
+                              data_dir=args.data)
+  if args.det:
     base.det_head(c)
   else:
-    base.hetxl_head(c, kind='het' if 'het' in args else 'hetxl', num_factors=6,
+    base.hetxl_head(c, kind='het' if args.het else 'hetxl', num_factors=6,
                     train_samples=100, eval_samples=1000, chunk=100)
-  c.dataset.label_noise = float(args.get('noise', 0.0))
-  c.dataset.label_noise_kind = args.get('noise_kind', 'symmetric')
-  if 'runlocal' in args:
-    base.runlocal_small_backbone(base.runlocal(c))
-    base.runlocal_mc(c)
+  c.dataset.label_noise = args.noise
+  c.dataset.label_noise_kind = args.noise_kind
+  if args.runlocal:
+    base.runlocal(c)
   return c

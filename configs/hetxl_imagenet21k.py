@@ -26,14 +26,14 @@ NUM_CLASSES = 21_843
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['det', 'runlocal'])
+  args = base.parse_arg(arg, det=False, runlocal=False)
   c = base.base_config()
   base.vit_pretraining(
       c, backbone='vit_b16', num_classes=NUM_CLASSES, learning_rate=1e-3,
       num_steps=90 * 13_000_000 // 4096,
       setup_hint=('Prepare ImageNet-21k with `python -m launch.prepare_data --source=folder '
                   '--input_dir=ROOT --out=DIR` and pass --config.dataset.data_dir=DIR.'))
-  if 'det' in args:
+  if args.det:
     base.det_head(c, link='sigmoid', bias_init=-10.0)
   else:
     base.hetxl_head(c, num_factors=50, link='sigmoid', parameter_efficient=True,
@@ -41,6 +41,6 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
     c.model.head_kwargs.compute_dtype = 'bfloat16'
   c.model.head_kwargs.label_smoothing = 1e-4
   c.train.eval_every = 10_000
-  if 'runlocal' in args:
-    base.runlocal_stand_in(c)
+  if args.runlocal:
+    base.runlocal(c, stand_in=True)
   return c

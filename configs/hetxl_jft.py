@@ -41,7 +41,7 @@ NUM_CLASSES = 29_593
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['det', 'runlocal'])
+  args = base.parse_arg(arg, det=False, runlocal=False)
   c = base.base_config()
   base.vit_pretraining(
       c, backbone='vit_l32', num_classes=NUM_CLASSES, learning_rate=6e-4,
@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c.optimizer.schedule = 'linear'
   c.optimizer.end_learning_rate = 1e-5
   c.optimizer.decay_all = True   # parity: the published runs decay every parameter, tau included
-  if 'det' in args:
+  if args.det:
     base.det_head(c, link='sigmoid', bias_init=-10.0)
   else:
     base.hetxl_head(c, num_factors=50, link='sigmoid', parameter_efficient=True,
@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
                     bias_init=-10.0)
     c.model.head_kwargs.compute_dtype = 'bfloat16'
   c.train.eval_every = 20_000
-  if 'runlocal' in args:
-    base.runlocal_stand_in(c)
+  if args.runlocal:
+    base.runlocal(c, stand_in=True)
     c.dataset.max_labels = 4
   return c

@@ -31,11 +31,11 @@ from configs import base
 from configs import llc_phases as phases
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, phases.CONFIG_ARGS + ('data',))
+  args = base.parse_arg(arg, data='', **phases.ARGS)
   c = base.small_image_recipe(base.base_config(), 'caltech101', epochs=60, batch_size=64,
-                              data_dir=args.get('data', ''))
+                              data_dir=args.data)
   phases.paper_optimizer(c)
   phases.configure(c, args)
-  if 'runlocal' in args:
-    base.runlocal_small_backbone(base.runlocal(c))
+  if args.runlocal:
+    base.runlocal(c)
   return c

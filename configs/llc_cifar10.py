@@ -28,12 +28,12 @@ from configs import llc_phases as phases
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, phases.CONFIG_ARGS + ('data',))
+  args = base.parse_arg(arg, data='', **phases.ARGS)
   c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128,
-                              data_dir=args.get('data', ''))
+                              data_dir=args.data)
   c.model.backbone_kwargs.width = 1.0
   phases.paper_optimizer(c)
   phases.configure(c, args)
-  if 'runlocal' in args:
-    base.runlocal_small_backbone(base.runlocal(c))
+  if args.runlocal:
+    base.runlocal(c)
   return c

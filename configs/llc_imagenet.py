@@ -67,9 +67,9 @@ def imagenet_recipe(c: base.ConfigDict, epochs: int = 100,
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, phases.CONFIG_ARGS)
+  args = base.parse_arg(arg, **phases.ARGS)
   c = imagenet_recipe(base.base_config())
   phases.configure(c, args)
-  if 'runlocal' in args:
-    base.runlocal_small_backbone(base.runlocal(c))
+  if args.runlocal:
+    base.runlocal(c)
   return c

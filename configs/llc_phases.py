@@ -20,14 +20,17 @@ phase1/codebook builds, and fails when the head is initialised.
 """
 import math
 import os
+from typing import Mapping
 
 import ml_collections
 
 from configs import base
 from llc import codebook_io
 
-CONFIG_ARGS = ('phase', 'bits', 'phase1', 'codebook', 'codebook_init', 'backbone_from', 'det',
-               'ood', 'runlocal')
+# The config arguments (`base.parse_arg(arg, **ARGS)`); None: not given.
+ARGS = dict(phase=(None, int), bits=(None, int), phase1=(None, str), codebook=(None, str),
+            codebook_init=(None, str), backbone_from=(None, str), det=False,
+            ood=(None, float), runlocal=False)
 PHASE2_LR_FACTOR = 0.1
 PHASE2_STEP_FRACTION = 0.25
 
@@ -44,13 +47,16 @@ def paper_optimizer(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def configure(c: ml_collections.ConfigDict, args: dict,
+def configure(c: ml_collections.ConfigDict, args: Mapping,
               default_bits: int = 0) -> ml_collections.ConfigDict:
-  """Sets head, codebook, warm start and held-out classes of `c` from parsed config arguments.
-  Nothing here depends on the class count: bits = `default_bits` (0: ceil(2 log2 K)) and the
-  codebook checks are resolved after overrides (`llc.heads.default_bits`, `training.resolve`)."""
+  """Sets head, codebook, warm start and held-out classes of `c` from typed config arguments
+  (`ARGS`; a key missing or None is not given). Nothing here depends on the class count:
+  bits = `default_bits` (0: ceil(2 log2 K)) and the codebook checks are resolved after
+  overrides (`llc.heads.default_bits`, `training.resolve`). Raises ValueError for arguments
+  that do not go together."""
+  args = {k: v for k, v in args.items() if v is not None and v is not False}
   if 'ood' in args:
-    base.hold_out_classes(c, float(args['ood']))
+    base.hold_out_classes(c, args['ood'])
   given = lambda key: os.path.abspath(args[key]) if args.get(key) else ''
   if 'backbone_from' in args:
     c.train.init_from = given('backbone_from')
@@ -60,7 +66,7 @@ def configure(c: ml_collections.ConfigDict, args: dict,
     c.model.head = 'softmax'
     c.model.head_kwargs.label_smoothing = 0.1
     return c
-  phase, bits = int(args.get('phase', 1)), int(args.get('bits', default_bits))
+  phase, bits = args.get('phase', 1), args.get('bits', default_bits)
   if bits < 0 or 'bits' in args and bits == 0:
     raise ValueError(f'bits must be >= 1, got {bits} (leave it out for ceil(2 log2 K))')
   if phase == 1:

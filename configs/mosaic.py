@@ -32,25 +32,23 @@ PREPARE = ('python -m launch.prepare_data --source=mosaic:cifar10_npz --input_di
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['det', 'epochs', 'width', 'stem', 'runlocal'])
-  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=float(args.get('epochs', 2)),
-                              batch_size=128, stem=args.get('stem', 'imagenet'),
-                              data_dir=DATA_DIR)
+  args = base.parse_arg(arg, det=False, epochs=2.0, width=0.25, stem='imagenet', runlocal=False)
+  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=args.epochs, batch_size=128,
+                              stem=args.stem, data_dir=DATA_DIR)
   c.dataset.multi_label = True
   c.dataset.max_labels = 4
   c.dataset.setup_hint = f'Prepare it with:\n  {PREPARE}'
   c.input.eval_batch_size = 250
-  c.model.backbone_kwargs.width = float(args.get('width', 0.25))
+  c.model.backbone_kwargs.width = args.width
   c.optimizer.warmup_steps = 0
   c.optimizer.warmup_epochs = 1 / 3
   c.train.log_every = 25
   c.train.eval_every_epochs = 1.0
-  if 'det' in args:
+  if args.det:
     base.det_head(c, link='sigmoid')
   else:
     base.hetxl_head(c, num_factors=6, link='sigmoid', train_samples=100, eval_samples=1000,
                     chunk=100)
-  if 'runlocal' in args:
-    base.runlocal_small_backbone(base.runlocal(c))
-    base.runlocal_mc(c)
+  if args.runlocal:
+    base.runlocal(c)
   return c

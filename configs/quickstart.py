@@ -23,29 +23,28 @@ from configs import base
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['runlocal', 'temperature', 'data', 'compare'])
-  if 'compare' not in args:
+  args = base.parse_arg(arg, runlocal=False, temperature=False, data='', compare=False)
+  if not args.compare:
     return _recipe(args, num_steps=600)
   # Two runs of one recipe, half as long each; only the head differs (`launch.runs`).
-  hetxl = base.hetxl_head(_recipe(args, num_steps=300), num_factors=3, train_samples=32,
-                          eval_samples=100, chunk=32)
-  if 'runlocal' in args:
-    base.runlocal_mc(hetxl)
-  return base.ConfigDict({'runs': {'det': _recipe(args, num_steps=300), 'hetxl': hetxl}})
+  return base.ConfigDict({'runs': {'det': _recipe(args, num_steps=300),
+                                   'hetxl': _recipe(args, num_steps=300, hetxl=True)}})
 
 
-def _recipe(args: dict, num_steps: int) -> base.ConfigDict:
+def _recipe(args: base.ConfigDict, num_steps: int, hetxl: bool = False) -> base.ConfigDict:
   c = base.base_config()
   c.dataset.name = 'digits'        # 8x8 gray
   c.dataset.num_classes = 10
-  if 'data' in args:               # classes, channels, size: from the data
-    base.prepared_dataset(c, '', args['data'])
+  if args.data:                    # classes, channels, size: from the data
+    base.prepared_dataset(c, '', args.data)
     c.dataset.num_classes = 0
   c.input.batch_size = 64
   c.input.eval_batch_size = 128
   c.model.backbone = 'convnet'
   c.model.head = 'softmax'
-  c.model.head_kwargs.learn_temperature = 'temperature' in args
+  c.model.head_kwargs.learn_temperature = args.temperature
+  if hetxl:
+    base.hetxl_head(c, num_factors=3, train_samples=32, eval_samples=100, chunk=32)
   c.optimizer.name = 'adam'
   c.optimizer.learning_rate = 3e-3
   c.optimizer.warmup_steps = 50
@@ -53,6 +52,6 @@ def _recipe(args: dict, num_steps: int) -> base.ConfigDict:
   c.train.log_every = 100
   c.train.eval_every = 300
   c.train.checkpoint_every = 300
-  if 'runlocal' in args:
+  if args.runlocal:
     base.runlocal(c)
   return c

@@ -15,16 +15,16 @@ from configs import base
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
-  args = base.parse_arg(arg, ['dims', 'det', 'learn_scale', 'data', 'runlocal'])
+  args = base.parse_arg(arg, dims=10, det=False, learn_scale=False, data='', runlocal=False)
   c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128,
-                              data_dir=args.get('data', ''))
-  if 'det' in args:
+                              data_dir=args.data)
+  if args.det:
     c.model.head = 'softmax'
   else:
     c.model.head = 'soc'
-    c.model.head_kwargs.dims = int(args.get('dims', 10))
-    c.model.head_kwargs.learn_scale = 'learn_scale' in args
+    c.model.head_kwargs.dims = args.dims
+    c.model.head_kwargs.learn_scale = args.learn_scale
     c.model.head_kwargs.label_smoothing = 0.1
-  if 'runlocal' in args:
-    base.runlocal_small_backbone(base.runlocal(c))
+  if args.runlocal:
+    base.runlocal(c)
   return c

@@ -55,3 +55,62 @@ def test_locked_config_rejects_new_fields():
   config.lock()
   with pytest.raises(AttributeError):
     config.train.num_step = 3  # typo of num_steps
+
+
+# --- typed config arguments (`configs.base.parse_arg`) ------------------------------------------
+
+def test_parse_arg_types_and_defaults():
+  from configs.base import parse_arg
+  spec = dict(det=False, bits=0, lr=1.0, name='x', runlocal=False, phase=(None, int))
+  args = parse_arg(' det ,bits=20,lr=5e-4,name=a=b', **spec)
+  assert args.to_dict() == {'det': True, 'bits': 20, 'lr': 5e-4, 'name': 'a=b',
+                            'runlocal': False, 'phase': None}
+  assert type(args.bits) is int and type(args.lr) is float   # pylint: disable=unidiomatic-typecheck
+  assert parse_arg(None, **spec).to_dict() == parse_arg('', **spec).to_dict() == {
+      'det': False, 'bits': 0, 'lr': 1.0, 'name': 'x', 'runlocal': False, 'phase': None}
+  assert parse_arg('det=False,runlocal=true,phase=2,lr=3', **spec).to_dict() == {
+      'det': False, 'bits': 0, 'lr': 3.0, 'name': 'x', 'runlocal': True, 'phase': 2}
+  assert parse_arg('name=', **spec).name == ''
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('det,bitz=3', "unknown config argument 'bitz' in 'det,bitz=3'; this config accepts "
+                   r"\['bits', 'det', 'lr'\]"),
+    ('bits=ten', "config argument 'bits=ten' in 'bits=ten': bits must be int: bits=<int>"),
+    ('bits=2.5', "config argument 'bits=2.5' in 'bits=2.5': bits must be int"),
+    ('lr', "config argument 'lr' in 'lr': lr must be float: lr=<float>"),
+    ('det=maybe', "config argument 'det=maybe' in 'det=maybe': det must be True or False "
+                  r"\(the bare name is True\)"),
+])
+def test_parse_arg_rejects_unknown_keys_and_bad_values(arg, message):
+  from configs.base import parse_arg
+  with pytest.raises(ValueError, match=f'^{message}'):
+    parse_arg(arg, det=False, bits=0, lr=1.0)
+
+
+def test_config_arguments_arrive_typed():
+  c = load_config('mosaic.py', 'det,epochs=10,width=0.5')
+  assert (c.model.head, c.train.epochs, c.model.backbone_kwargs.width) == ('softmax', 10.0, 0.5)
+  c = load_config('compare_heads.py', 'dataset=cifar10,head=det,epochs=10,width=0.125,'
+                  'noise=0.0,noise_kind=symmetric')
+  assert (c.train.epochs, c.model.backbone_kwargs.width, c.dataset.label_noise) == (10.0, 0.125, 0.0)
+  assert load_config('contrastive_caltech.py', 'batch=64,size=32').input.image_size == 32
+  with pytest.raises(ValueError, match="'epochs=ten' in 'det,epochs=ten': epochs must be float"):
+    load_config('mosaic.py', 'det,epochs=ten')
+
+
+def test_runlocal_shrinks_any_config_the_same_way():
+  hetxl = load_config('hetxl_cifar10.py', 'runlocal')
+  assert (hetxl.input.batch_size, hetxl.input.eval_batch_size, hetxl.train.num_steps,
+          hetxl.train.checkpoint_every, hetxl.eval.max_examples) == (16, 32, 4, 4, 64)
+  assert hetxl.model.backbone_kwargs.width == 0.125
+  kw = hetxl.model.head_kwargs
+  assert (kw.train_mc_samples, kw.eval_mc_samples, kw.mc_chunk_size) == (8, 8, 4)
+  assert load_config('hetxl_cifar10.py', 'det,runlocal').model.head_kwargs.to_dict() == \
+      load_config('hetxl_cifar10.py', 'det').model.head_kwargs.to_dict()   # no MC to shrink
+  jft = load_config('hetxl_jft.py', 'runlocal')   # stand_in: synthetic data, float32, tiny ViT
+  assert (jft.dataset.name, jft.dataset.num_classes, jft.dataset.eval_split) == (
+      'synthetic', 29_593, 'test')
+  assert (jft.model.dtype, jft.model.head_kwargs.compute_dtype) == ('float32', 'float32')
+  assert (jft.model.backbone_kwargs.width, jft.model.backbone_kwargs.depth) == (64, 1)
+  assert load_config('hetxl_jft.py').model.dtype == 'bfloat16'

@@ -283,7 +283,7 @@ def test_end_to_end_phase1_export_phase2_evaluate(tmp_path, capsys):
   assert r1['unique_codes'] == codes.unique_codes(codebook > 0)
 
   p2_config = _digits_config('llc_instance')
-  phases.configure(p2_config, {'phase': '2', 'bits': '6', 'phase1': p1_dir}, default_bits=6)
+  phases.configure(p2_config, {'phase': 2, 'bits': 6, 'phase1': p1_dir}, default_bits=6)
   p2_config.mesh.shape = (4, 2)                       # class codes sharded over 'model'
   capsys.readouterr()
   train_and_evaluate(p2_config, p2_dir)

@@ -79,7 +79,7 @@ def test_digits_end_to_end_against_the_workdirs_own_evaluations(tmp_path):
   train_and_evaluate(p1_config, p1)
   evaluate_llc(p1_config, p1)
   p2_config = config('llc_instance')
-  phases.configure(p2_config, {'phase': '2', 'bits': '6', 'phase1': p1}, default_bits=6)
+  phases.configure(p2_config, {'phase': 2, 'bits': 6, 'phase1': p1}, default_bits=6)
   train_and_evaluate(p2_config, p2)
   det_config = config('softmax')
   train_and_evaluate(det_config, det)

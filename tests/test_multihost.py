@@ -83,7 +83,7 @@ def get_config(arg=None):
   c.train.num_steps = c.train.checkpoint_every = 30
   c.train.async_checkpointing = False
   c.eval.max_examples = 0
-  return phases.configure(c, base.parse_arg(arg, phases.CONFIG_ARGS), default_bits=6)
+  return phases.configure(c, base.parse_arg(arg, **phases.ARGS), default_bits=6)
 """
 
 

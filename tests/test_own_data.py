@@ -143,8 +143,8 @@ from configs import base, quickstart
 from configs import llc_phases as phases
 
 def get_config(arg=None):
-  args = base.parse_arg(arg, phases.CONFIG_ARGS + ('data',))
-  c = quickstart.get_config('runlocal,data=' + args.pop('data'))
+  args = base.parse_arg(arg, data='', **phases.ARGS)
+  c = quickstart.get_config('runlocal,data=' + args.data)
   c.model.head_kwargs = ml_collections.ConfigDict()
   c.train.async_checkpointing = False
   phases.paper_optimizer(c)
