@@ -1,8 +1,8 @@
 r"""End-to-end training throughput (images/s) of backbone x head x class count, side by side.
 
-Each cell is the project's real jitted training step (`training.loop.make_train_step`: forward,
-loss, backward, optimizer update, sharded over all local devices on the 'data' axis) on a
-fixed synthetic batch already on the device, so the input pipeline is not measured. Heads are
+Each cell is the project's real jitted training step (`training.train_step.make_train_step`:
+forward, loss, backward, optimizer update, sharded over all local devices on the 'data' axis)
+on a fixed synthetic batch already on the device, so the input pipeline is not measured. Heads are
 `configs.base.comparison_head` (as in `configs/compare_heads.py`) at the given K, with R, S and
 the chunk from the flags; the HET sample projection runs in --dtype.
 
@@ -24,13 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import base, schema  # noqa: E402
+from configs import base  # noqa: E402
 
 HEADS = ('det', 'het', 'hetxl', 'soc', 'llc')
 
 
 def build_config(backbone: str, head: str, num_classes: int, a: argparse.Namespace):
-  c = base.synthetic_stand_in(schema.base_config(), size=a.image_size)
+  c = base.synthetic_stand_in(base.base_config(), size=a.image_size)
   c.dataset.num_classes = num_classes
   c.dataset.num_examples = a.batch
   c.input.batch_size = a.batch
@@ -52,7 +52,7 @@ def build_config(backbone: str, head: str, num_classes: int, a: argparse.Namespa
 def measure(config, steps: int, warmup: int) -> dict:
   """images/s of `steps` training steps after `warmup` (compile excluded)."""
   from training.experiment import Experiment
-  from training.loop import make_train_step
+  from training.train_step import make_train_step
   from training.mesh import batch_sharding
   from training.state import create_state, param_count
   exp = Experiment.build(config)

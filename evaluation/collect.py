@@ -1,6 +1,7 @@
 """One pass of a trained model over a dataset, keeping per-example outputs on the host.
 
-The read-only evaluators (`evaluation.ood`, `evaluation.fewshot`) call `collect` with what to
+Every read-only pass (`evaluation.ood`, `evaluation.fewshot`, `evaluation.reference_probs`,
+`llc.evaluate`, `llc.baseline_codebooks`, `soc.add_classes`) calls `collect` with what to
 compute per batch; padding is removed and rows come back in the source's order, on any number
 of processes (every process gets every row).
 """
@@ -12,10 +13,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from evaluation.evaluator import EVAL_SEED
 from input_pipeline.pipeline import device_batches
 from training.experiment import Experiment
 from training.mesh import batch_sharding
-from evaluation.evaluator import EVAL_SEED
 from training.model import step_rngs
 
 
@@ -36,8 +37,10 @@ def collect(exp: Experiment, variables: dict, fn: Callable[[Any, Any], dict],
             source: Any = None, image_size: Optional[int] = None) -> dict:
   """{name: [N, ...]} of `fn(module, images)` (a method applied to the bound Classifier, e.g.
   `lambda m, x: {'features': m.features(x)}`) over the eval split, or over `source`; plus
-  'label' [N]. `image_size`: resize every image to this side first (another dataset fed to a
-  model trained at that size); default: the config's own eval preprocessing."""
+  'label' [N]. `fn` may read what the model sows (`m.variables['intermediates']`, after calling
+  it) and return None for a column it has nothing for (then absent). `image_size`: resize
+  every image to this side first (another dataset fed to a model trained at that size);
+  default: the config's own eval preprocessing."""
   model = exp.model
   if image_size:
     config = exp.config.copy_and_resolve_references()
@@ -45,9 +48,11 @@ def collect(exp: Experiment, variables: dict, fn: Callable[[Any, Any], dict],
     exp = dataclasses.replace(exp, config=config)
 
   def step(params, batch_stats, batch):
-    out = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
-                      method=fn, rngs=step_rngs(jax.random.key(EVAL_SEED), 0))
-    return {**out, 'label': batch['label'], 'mask': batch['mask'], 'index': batch['index']}
+    out, _ = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
+                         method=fn, rngs=step_rngs(jax.random.key(EVAL_SEED), 0),
+                         mutable=['intermediates'])
+    return {**{k: v for k, v in out.items() if v is not None}, 'label': batch['label'],
+            'mask': batch['mask'], 'index': batch['index']}
 
   step = jax.jit(step, in_shardings=(exp.shardings.params, exp.shardings.batch_stats,
                                      batch_sharding(exp.mesh)),

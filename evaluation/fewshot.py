@@ -121,6 +121,7 @@ def evaluate_fewshot(config: ml_collections.ConfigDict, workdir: str, data_dir: 
 def main(argv) -> None:
   del argv
   from training.workdir import load_config
+  from training.json_file import write_json
   from training.metric_writer import MetricWriter
   config = load_config(_WORKDIR.value)
   record = evaluate_fewshot(config, _WORKDIR.value, _DATA_DIR.value,
@@ -128,8 +129,7 @@ def main(argv) -> None:
                             _MAX_TEST.value, _NAME.value)
   if jax.process_index() == 0:
     print(json.dumps(record), flush=True)
-    with open(os.path.join(_WORKDIR.value, f"fewshot_{record['dataset']}.json"), 'w') as f:
-      json.dump(record, f, indent=1)
+    write_json(os.path.join(_WORKDIR.value, f"fewshot_{record['dataset']}.json"), record)
     writer = MetricWriter(_WORKDIR.value)
     writer.write(record['step'], {f'fewshot/{k}': v for k, v in record.items()
                                   if k.endswith('shot')})

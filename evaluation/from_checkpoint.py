@@ -1,29 +1,23 @@
 """Eval mode: restore a checkpoint onto the current mesh and evaluate the eval split."""
-import os
 from typing import Optional
 
 import ml_collections
 
 from evaluation.evaluator import evaluate, make_eval_step
 from evaluation.report import write_eval_report
-from training.checkpointing import (Checkpointer, NoCheckpointError, check_signature,
-                                    checkpoint_dir)
+from training.checkpointing import restore_variables
 from training.experiment import Experiment
 
 
 def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                        step: Optional[int] = None) -> tuple[Experiment, dict, int]:
   """(experiment, {'params', 'batch_stats'} on the current mesh, step) of the latest (or
-  given) finalised checkpoint in `workdir`; the optimizer state is never read. Raises
-  NoCheckpointError (a FileNotFoundError) when there is none, or not that step."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    raise NoCheckpointError(f'no checkpoints in {workdir}: train first with --mode=train')
-  ckpt = Checkpointer(workdir, save_every=1, keep=1, read_only=True)
-  step = ckpt.pick_step(step, hint='train first with --mode=train')
+  given) finalised checkpoint in `workdir` (`training.checkpointing.restore_variables`); the
+  optimizer state is never read. Raises NoCheckpointError (a FileNotFoundError) when there is
+  none, or not that step."""
   exp = Experiment.build(config)
-  check_signature(workdir, exp.abstract_state.params)
-  variables = ckpt.restore_variables(step, exp.abstract_restore_target())
-  ckpt.close()
+  variables, step = restore_variables(workdir, exp.abstract_restore_target(), step,
+                                      hint='train first with --mode=train')
   return exp, variables, step
 
 

@@ -19,7 +19,6 @@ uncertainty-baselines reports them: AUROC (sklearn `roc_auc_score`), AUPR
 flagged at the highest threshold that flags >= 95% of the OOD examples). Prints one markdown
 table (a line per head and OOD set, a column per score) and writes the rows as JSON to `--out`.
 """
-import json
 from typing import Sequence
 
 import jax
@@ -29,6 +28,7 @@ import numpy as np
 
 from evaluation.collect import collect, prepared_dataset
 from heads.base import probabilities
+from training.json_file import write_json
 
 
 SHARED = ('msp', 'entropy', 'max_logit')   # the scores every head has (`logit_scores`)
@@ -145,8 +145,7 @@ def main(argv) -> None:
   if jax.process_index() == 0:
     print(table(rows), flush=True)
     if _OUT.value:
-      with open(_OUT.value, 'w') as f:
-        json.dump(rows, f, indent=1)
+      write_json(_OUT.value, rows)
 
 
 if __name__ == '__main__':

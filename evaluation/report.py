@@ -1,16 +1,18 @@
 """Writes an evaluation's results (`eval_results.json` and a reliability diagram PNG) and
 puts several runs' results side by side."""
-import json
 import os
 from typing import Mapping, Sequence
 
 import jax
 
 from evaluation.calibration import save_reliability_diagram
+from training.json_file import write_json
 
 
 def write_eval_report(workdir: str, step: int, metrics: dict, bins: dict) -> dict:
-  """Returns the record written: {'step', **metrics, 'reliability_diagram'}."""
+  """Writes `<workdir>/eval_results.json` and the reliability diagram PNG (process 0) and
+  returns the record written: {'step', **metrics, 'reliability_diagram'} (no
+  'reliability_diagram' on other processes)."""
   record = {'step': int(step), **metrics}
   if jax.process_index() == 0:
     png = os.path.join(workdir, f'reliability_step{step}.png')
@@ -19,8 +21,7 @@ def write_eval_report(workdir: str, step: int, metrics: dict, bins: dict) -> dic
     save_reliability_diagram(bins, png, f'step {step}: {top1[0]} {top1[1]:.4f}, '
                                         f'ECE {metrics["ece"]:.4f}')
     record['reliability_diagram'] = png
-    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
-      json.dump(record, f, indent=1)
+    write_json(os.path.join(workdir, 'eval_results.json'), record)
   return record
 
 

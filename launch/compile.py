@@ -6,7 +6,7 @@ r"""Compiles the real train step ahead of time for a Cloud TPU topology, on any 
 
 No TPU and no dataset are needed: the model, optimizer, state and batch are abstract
 (`jax.ShapeDtypeStruct` with `NamedSharding` over a mesh of the topology's compile-only devices,
-shaped by `config.mesh`), and the step is `training.loop.make_train_step`, the function
+shaped by `config.mesh`), and the step is `training.train_step.make_train_step`, the function
 `launch.main` trains with. Prints, per device (one chip on v4 / v5p / v5e / v6e, one core on v2 /
 v3): memory (arguments, outputs, temporaries, generated code; total against the chip's HBM), the
 compiled FLOPs and bytes accessed, and a roofline bound on the step time,
@@ -15,7 +15,6 @@ max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth).
 Topologies are libtpu's names, GENERATION:CHIPS_PER_AXIS: v4:4x4x4 (v4-128, 64 chips),
 v5e:16x16 (v5e-256), v3:8x8 (v3-128, 128 cores), v5p:2x2x1, v6e:4x4, v2:4x4.
 """
-import json
 import os
 import re
 import sys
@@ -111,7 +110,7 @@ def lower_train_step(config, topology: str):
   the topology's devices, lowered on the abstract state and batch. Opens no dataset when the
   config fixes the image shape (`training.experiment.config_image_shape`)."""
   from training.experiment import Experiment
-  from training.loop import make_train_step
+  from training.train_step import make_train_step
 
   devices, chip = topology_devices(topology)
   exp = Experiment.build(config, devices, with_data=False)
@@ -250,8 +249,8 @@ def main(argv):
     sys.exit(message)
   print(format_report(report), flush=True)
   if f.json:
-    with open(f.json, 'w') as out:
-      json.dump(report, out, indent=1)
+    from training.json_file import write_json
+    write_json(f.json, report)
     print(f'wrote {f.json}', flush=True)
 
 

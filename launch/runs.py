@@ -17,14 +17,14 @@ import ml_collections
 
 from evaluation.from_checkpoint import evaluate_checkpoint
 from evaluation.report import side_by_side
-from training.loop import train_and_evaluate
+from launch.train import train_and_evaluate
 from training.workdir import save_config
 
 ConfigDict = ml_collections.ConfigDict
 
 
 def train(config: ConfigDict, workdir: str) -> dict:
-  """Trains and evaluates `config` in `workdir` (`training.loop.train_and_evaluate`), or each
+  """Trains and evaluates `config` in `workdir` (`launch.train.train_and_evaluate`), or each
   of its `runs`; returns the final eval record, or {name: record} of the runs."""
   if 'runs' not in config:
     return train_and_evaluate(config, workdir)

@@ -17,7 +17,6 @@ import json
 import os
 from typing import Optional
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -28,8 +27,9 @@ KINDS = ('random', 'svd', 'cca')
 
 def det_kernel(det_workdir: str) -> np.ndarray:
   """The DET head's kernel [D, K] from the latest checkpoint of `det_workdir`."""
-  from training.warm_start import load_variables
-  params = load_variables(det_workdir)['params']
+  from training.checkpointing import restore_variables
+  variables, _ = restore_variables(det_workdir, hint='train the DET run first (--det_workdir)')
+  params = variables['params']
   try:
     return np.asarray(params['head']['loc_layer']['kernel'])
   except KeyError:
@@ -50,34 +50,18 @@ def svd_values(det_workdir: str, bits: int) -> np.ndarray:
 
 def train_features(config: ml_collections.ConfigDict, det_workdir: str,
                    max_examples: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Pooled backbone features [N, D] and labels [N] of the training split (eval preprocessing),
-  from `det_workdir`'s checkpoint, computed on one device."""
-  from input_pipeline.pipeline import eval_dataset
+  """Pooled backbone features [N, D] and labels [N] of the training split (eval preprocessing,
+  its first `max_examples` when > 0), from `det_workdir`'s checkpoint restored onto the mesh
+  (`evaluation.collect.collect`)."""
+  from evaluation.collect import collect
+  from evaluation.from_checkpoint import restore_checkpoint
   from input_pipeline.sources import Subset, build_source
-  from training.model import build_model
-  from training.warm_start import load_variables
   source, _ = build_source(config.dataset, config.dataset.train_split, config.seed, train=False)
   if max_examples:
     source = Subset(source, min(max_examples, len(source)))
-  model = build_model(config)
-  variables = load_variables(det_workdir)
-  is_backbone = lambda module, method: module.name == 'backbone' and method == '__call__'
-
-  @jax.jit
-  def features(images):
-    _, state = model.apply(variables, images, train=False, capture_intermediates=is_backbone,
-                           mutable=['intermediates'])
-    return state['intermediates']['backbone']['__call__'][0]
-
-  dataset, _ = eval_dataset(source, global_batch=config.input.eval_batch_size,
-                            eval_mode=config.input.eval_preprocess,
-                            image_size=config.input.image_size, channels=config.dataset.channels)
-  feats, labels = [], []
-  for batch in dataset:
-    keep = batch['mask'] > 0
-    feats.append(np.asarray(features(batch['image']))[keep])
-    labels.append(np.asarray(batch['label'])[keep])
-  return np.concatenate(feats), np.concatenate(labels)
+  exp, variables, _ = restore_checkpoint(config, det_workdir)
+  out = collect(exp, variables, lambda m, x: {'features': m.features(x, train=False)}, source)
+  return out['features'], out['label']
 
 
 def cca_values(config: ml_collections.ConfigDict, det_workdir: str, bits: int,

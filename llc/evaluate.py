@@ -30,48 +30,30 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from evaluation.collect import collect
 from evaluation.from_checkpoint import restore_checkpoint
-from input_pipeline.pipeline import device_batches
 from input_pipeline.sources import build_source
 from launch.distributed import initialize_distributed
 from llc import codebook_io, codes, retrieval
 from training.experiment import Experiment
-from training.mesh import batch_sharding
+from training.json_file import write_json
 
 EVAL_FILE = 'llc_eval.json'
 PHASES = {'llc_codebook': 1, 'llc_instance': 2}
 
 
 def collect_codes(exp: Experiment, variables: dict, source: Any = None) -> dict:
-  """One pass over the eval split (or `source`): real codes [N, k] (z or o; absent for heads
-  that sow none), argmax [N] and max softmax probability [N] of the logits, and labels [N],
-  padding removed, in the source's order on any number of processes."""
-  model = exp.model
-
-  def step(params, batch_stats, batch):
-    out, state = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
-                             train=False, mutable=['intermediates'])
-    sown = state.get('intermediates', {}).get('head', {}).get('codes')
-    return {'codes': None if sown is None else sown[0],
-            'prediction': out.logits.argmax(-1),
-            'msp': jax.nn.softmax(out.logits.astype(jnp.float32)).max(-1),
-            'label': batch['label'], 'mask': batch['mask'], 'index': batch['index']}
-
-  step = jax.jit(step, in_shardings=(exp.shardings.params, exp.shardings.batch_stats,
-                                     batch_sharding(exp.mesh)),
-                 out_shardings=NamedSharding(exp.mesh, P()))
-  columns = {}
-  for batch in device_batches(iter(exp.eval_dataset(source)), batch_sharding(exp.mesh)):
-    out = jax.device_get(step(variables['params'], variables['batch_stats'], batch))
-    for k, v in out.items():
-      if v is not None:
-        columns.setdefault(k, []).append(np.asarray(v))
-  c = {k: np.concatenate(v) for k, v in columns.items()}
-  keep = c.pop('mask') > 0
-  order = np.argsort(c.pop('index')[keep])
-  return {k: v[keep][order] for k, v in c.items()}
+  """One pass over the eval split (or `source`; `evaluation.collect.collect`): real codes
+  [N, k] (z or o; absent for heads that sow none), argmax [N] and max softmax probability [N]
+  of the logits, and labels [N], padding removed, in the source's order on any number of
+  processes."""
+  def per_batch(m, images):
+    logits = m(images, train=False).logits
+    sown = m.variables.get('intermediates', {}).get('head', {}).get('codes')
+    return {'codes': None if sown is None else sown[0], 'prediction': logits.argmax(-1),
+            'msp': jax.nn.softmax(logits.astype(jnp.float32)).max(-1)}
+  return collect(exp, variables, per_batch, source)
 
 
 def phase2_class_bits(config: ml_collections.ConfigDict, variables: dict,
@@ -84,12 +66,6 @@ def phase2_class_bits(config: ml_collections.ConfigDict, variables: dict,
                                     config.model.head_kwargs.bits) > 0, source)
   codes_pm1 = jax.device_get(variables['batch_stats']['head']['class_codes'])
   return np.asarray(codes_pm1) > 0, 'checkpoint (batch_stats/head/class_codes)'
-
-
-def _write_json(path: str, record: dict) -> None:
-  if jax.process_index() == 0:
-    with open(path, 'w') as f:
-      json.dump(record, f, indent=1)
 
 
 def _save_codebook(path: str, values: np.ndarray) -> None:
@@ -141,7 +117,7 @@ def evaluate_llc(config: ml_collections.ConfigDict, workdir: str,
       record[f'map@{retrieval_topk}_hashnet'] = retrieval.map_from_aps(aps, found, 'hashnet')
       record['retrieval_queries_without_relevant'] = int(np.sum(~found))
       record['retrieval_database'] = int(len(db['label']))
-  _write_json(os.path.join(workdir, EVAL_FILE), record)
+  write_json(os.path.join(workdir, EVAL_FILE), record)
   return record
 
 

@@ -195,6 +195,7 @@ def main(argv) -> None:
   import jax
   from launch.distributed import initialize_distributed
   initialize_distributed()
+  from training.json_file import write_json
   from training.resolve import resolve   # held-out classes follow from the data's K
   det_config = _DET_CONFIG.value and resolve(_DET_CONFIG.value)
   record = evaluate_ood(resolve(_CONFIG.value), _WORKDIR.value, det_config, _DET_WORKDIR.value,
@@ -202,8 +203,7 @@ def main(argv) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, 'ood.json'), 'w') as f:
-    json.dump(record, f, indent=1)
+  write_json(os.path.join(_OUT.value, 'ood.json'), record)
   plot(record, os.path.join(_OUT.value, 'ood.png'))
   print(json.dumps({k: v for k, v in record.items() if k != 'rows'}))
   print(markdown(record), flush=True)

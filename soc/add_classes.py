@@ -23,32 +23,21 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
+from evaluation.collect import collect
 from evaluation.evaluator import evaluate, make_eval_step
 from evaluation.report import write_eval_report
-from input_pipeline.pipeline import device_batches, eval_dataset
 from input_pipeline.sources import ClassSubset, build_source
 from soc.head import soc_loss, gaussian_log_density
-from training.checkpointing import Checkpointer, check_signature
+from training.checkpointing import Checkpointer, check_signature, restore_variables
 from training.experiment import Experiment
-from training.mesh import batch_sharding
 from training.state import create_state
 from training.workdir import WorkdirLock, save_config
 
 
 def _embed_all(exp: Experiment, variables: dict, source) -> tuple[np.ndarray, np.ndarray]:
-  """Frozen-encoder embeddings [N, m] and labels of every example of `source`."""
-  c = exp.config
-  ds, _ = eval_dataset(source, global_batch=c.input.eval_batch_size,
-                       eval_mode=c.input.eval_preprocess, image_size=c.input.image_size,
-                       channels=c.dataset.channels)
-  embed = jax.jit(lambda v, images: exp.model.apply(
-      v, images, method=lambda m, im: m.head.embed(m.features(im))))
-  z, y = [], []
-  for batch in device_batches(iter(ds), batch_sharding(exp.mesh)):
-    keep = np.asarray(batch['mask']) > 0
-    z.append(np.asarray(embed(variables, batch['image']))[keep])
-    y.append(np.asarray(batch['label'])[keep])
-  return np.concatenate(z), np.concatenate(y)
+  """Frozen-encoder embeddings [N, m] and labels [N] of every example of `source`."""
+  out = collect(exp, variables, lambda m, x: {'z': m.head.embed(m.features(x))}, source)
+  return out['z'], out['label']
 
 
 def fit_new_means(old_means: jax.Array, z: jax.Array, labels: jax.Array, num_new: int, *,
@@ -96,10 +85,8 @@ def add_classes(config: ml_collections.ConfigDict, workdir: str, new_workdir: st
 
   # ----- The trained model, restored onto the current devices.
   old = Experiment.build(config)
-  ckpt = Checkpointer(workdir, save_every=1, keep=1, read_only=True)
-  step = ckpt.pick_step(hint='train the SOC model first')  # newest finalised step
-  variables = ckpt.restore_variables(step, old.abstract_restore_target())
-  ckpt.close()
+  variables, step = restore_variables(workdir, old.abstract_restore_target(),
+                                      hint='train the SOC model first')
 
   # ----- The same model with K_old + K_new classes: dataset ids old + new, in that order.
   new_config = copy.deepcopy(config)
@@ -138,24 +125,18 @@ def add_classes(config: ml_collections.ConfigDict, workdir: str, new_workdir: st
     out.save(step, state, None, force=True)
     out.close()
 
+    # Every class, then old and new classes apart; one report (process 0) holds all three.
     eval_step = make_eval_step(new.model, new.mesh, new.shardings)
-    record = {}
-    groups = {'all': None, 'old': range(len(old_classes)),
-              'new': range(len(old_classes), new_config.dataset.num_classes)}
-    for name, keep in groups.items():
-      source = new.eval_source if keep is None else ClassSubset(new.eval_source, keep,
-                                                                relabel=False)
-      ds, _ = eval_dataset(source, global_batch=new_config.input.eval_batch_size,
-                           eval_mode=new_config.input.eval_preprocess,
-                           image_size=new_config.input.image_size,
-                           channels=new_config.dataset.channels)
-      metrics, bins = evaluate(eval_step, state.params, state.batch_stats, ds, new.mesh)
-      if name == 'all':
-        record = write_eval_report(new_workdir, step, metrics, bins)
-      else:
-        record[f'{name}_classes_accuracy'] = metrics['accuracy']
-    with open(os.path.join(new_workdir, 'eval_results.json'), 'w') as f:
-      json.dump(record, f, indent=1)
+    accuracy = {}
+    for name, keep in (('old', range(len(old_classes))),
+                       ('new', range(len(old_classes), new_config.dataset.num_classes))):
+      subset = ClassSubset(new.eval_source, keep, relabel=False)
+      metrics, _ = evaluate(eval_step, state.params, state.batch_stats,
+                            new.eval_dataset(subset), new.mesh)
+      accuracy[f'{name}_classes_accuracy'] = metrics['accuracy']
+    metrics, bins = evaluate(eval_step, state.params, state.batch_stats, new.eval_dataset(),
+                             new.mesh)
+    record = write_eval_report(new_workdir, step, {**metrics, **accuracy}, bins)
   return record
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from tests.helpers import load_config, run_main
 from training.checkpointing import Checkpointer, IncompatibleCheckpointError
-from training.loop import train_and_evaluate
+from launch.train import train_and_evaluate
 from training.workdir import WorkdirInUseError
 
 

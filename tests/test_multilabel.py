@@ -156,7 +156,7 @@ def test_multilabel_eval_equals_numpy_on_the_same_checkpoint(tmp_path):
   counts from the checkpoint's own probabilities with numpy."""
   from training.experiment import Experiment
   from training.checkpointing import Checkpointer
-  from training.loop import train_and_evaluate
+  from launch.train import train_and_evaluate
   from training.model import step_rngs
   from evaluation.evaluator import EVAL_SEED
   c = _synthetic_config()
@@ -277,7 +277,7 @@ def test_unlabelled_tfds_split_is_refused_for_eval(tmp_path):
   """tfds allows label -1 (an unlabelled split): eval must stop with a message saying so,
   instead of accuracy 0 and an NLL from a wrapped class index."""
   tfds = pytest.importorskip('tensorflow_datasets')
-  from training.loop import train_and_evaluate
+  from launch.train import train_and_evaluate
 
   class UnlabelledTestSplit(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version('1.0.0')

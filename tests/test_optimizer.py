@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs.schema import base_config
+from configs.base import base_config
 from training.optimizer import build_optimizer, param_multipliers, param_paths
 
 LR, WD, EPS = 0.1, 0.01, 1e-8  # EPS: optax's adam default
@@ -171,7 +171,7 @@ def test_frozen_backbone_in_the_sharded_train_step():
   steps, no optimizer state for them, the rest trained."""
   from tests.helpers import load_config
   from training.experiment import Experiment
-  from training.loop import make_train_step
+  from training.train_step import make_train_step
   from training.mesh import batch_sharding
   from training.state import create_state
   config = load_config('quickstart.py', 'runlocal')

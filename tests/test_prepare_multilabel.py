@@ -428,7 +428,7 @@ def test_train_and_eval_on_a_prepared_multilabel_folder(tmp_path):
   from tests.helpers import load_config
   from training.checkpointing import Checkpointer
   from training.experiment import Experiment
-  from training.loop import train_and_evaluate
+  from launch.train import train_and_evaluate
   from training.model import step_rngs
   rng = np.random.default_rng(11)
   names = [f'img{i}.png' for i in range(30)]

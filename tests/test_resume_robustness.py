@@ -18,11 +18,11 @@ from evaluation.from_checkpoint import evaluate_checkpoint
 from input_pipeline import pipeline
 from input_pipeline.sources import ArraySource
 from tests.test_train_eval import _config as train_eval_config, _losses
+from launch.train import train_and_evaluate
 from training.checkpointing import (Checkpointer, IncompatibleCheckpointError, NoCheckpointError,
-                                    complete_steps)
+                                    complete_steps, restore_variables)
 from training.experiment import Experiment
-from training.loop import train_and_evaluate
-from training.warm_start import load_variables
+from training.warm_start import warm_start
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def test_unfinished_newer_steps_are_skipped_by_eval_warm_start_and_resume(tmp_pa
   assert 'never finalised' in warned
   assert evaluated['step'] == 4 and evaluated['accuracy'] == trained['accuracy']
   assert evaluated['nll'] == pytest.approx(trained['nll'], rel=1e-6)
-  _assert_trees_equal(load_variables(work)['params'], _params(_config(steps=4), work, 4))
+  _assert_trees_equal(restore_variables(work)[0]['params'], _params(_config(steps=4), work, 4))
 
   caplog.clear()
   capsys.readouterr()
@@ -86,7 +86,7 @@ def test_only_unfinished_steps_is_a_clear_error(tmp_path):
   with pytest.raises(NoCheckpointError, match=r'unfinished step directories: .*checkpoints/3'):
     evaluate_checkpoint(_config(), str(tmp_path))
   with pytest.raises(NoCheckpointError, match=r'(?s)no complete checkpoint.*train that run'):
-    load_variables(str(tmp_path))
+    warm_start(None, str(tmp_path), ('backbone',))   # fails before it reads the state
   assert os.path.isdir(tmp_path / 'checkpoints' / '3')  # readers never move anything
 
 

@@ -9,7 +9,7 @@ from soc.add_classes import add_classes, fit_new_means
 from tests.helpers import load_config
 from training.checkpointing import Checkpointer
 from training.experiment import Experiment
-from training.loop import train_and_evaluate
+from launch.train import train_and_evaluate
 
 
 def test_new_mean_lands_on_its_cluster():

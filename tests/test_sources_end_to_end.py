@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.helpers import ROOT, last_json, load_config, run_main
 from training.checkpointing import Checkpointer
-from training.loop import train_and_evaluate
+from launch.train import train_and_evaluate
 
 REAL_DATA = os.path.join(ROOT, '..', 'shared', 'data')
 

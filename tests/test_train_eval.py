@@ -13,7 +13,7 @@ from evaluation.from_checkpoint import evaluate_checkpoint
 from tests.helpers import ROOT, last_json, load_config, run_main
 from training.checkpointing import Checkpointer
 from training.experiment import Experiment
-from training.loop import train_and_evaluate
+from launch.train import train_and_evaluate
 
 
 def _config(steps=4, **overrides):
@@ -76,8 +76,8 @@ class _PreemptAfter:
 def test_resume_is_equivalent_to_a_straight_run(tmp_path, monkeypatch):
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   train_and_evaluate(_config(steps=6, **{'train.checkpoint_every': 5}), straight)
-  import training.loop
-  monkeypatch.setattr(training.loop, '_PreemptionFlag', lambda: _PreemptAfter(3))
+  import launch.train
+  monkeypatch.setattr(launch.train, '_PreemptionFlag', lambda: _PreemptAfter(3))
   interrupted = train_and_evaluate(_config(steps=6, **{'train.checkpoint_every': 5}), resumed)
   assert interrupted == {}  # preempted: saved at step 3, no final eval
   assert Checkpointer(resumed, save_every=1, keep=1, read_only=True).latest_step() == 3

@@ -10,6 +10,9 @@ step it completes (into the temporary directory before the rename on local and g
 in place on gs://). A step directory without it (a rename that a preemption cut short on a
 gcsfuse bucket, where renames are not atomic; a stray `mkdir`) is skipped with a warning that
 names it, by every reader: resume, eval, `train.init_from`, LLC phase-1 checks, SOC.
+
+Everything that reads a run's trained parameters (eval, `train.init_from`, SOC's added
+classes, LLC's baseline codebooks) goes through `restore_variables`.
 """
 import json
 import os
@@ -17,8 +20,11 @@ from typing import Any, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from training.json_file import write_json
 
 # Finalised steps: named like a step and holding orbax's commit file.
 _FINALISED = ocp.step.standard_name_format(
@@ -66,14 +72,6 @@ def complete_steps(workdir: str) -> list[int]:
   return steps
 
 
-def pick_step(workdir: str, step: Optional[int] = None, *, hint: str = 'train it first') -> int:
-  """`step` if it is a finalised checkpoint of `workdir`, else (None) the newest finalised one.
-
-  Raises NoCheckpointError naming the directory, the steps there and `hint` (what to do).
-  """
-  return _choose(workdir, complete_steps(workdir), step, hint)
-
-
 def _choose(workdir: str, steps: list[int], step: Optional[int], hint: str) -> int:
   root = checkpoint_dir(workdir)
   if not steps:
@@ -87,6 +85,31 @@ def _choose(workdir: str, steps: list[int], step: Optional[int], hint: str) -> i
     raise NoCheckpointError(f'no complete checkpoint for step {step} in {root}; complete steps: '
                             f'{steps}')
   return step
+
+
+def restore_variables(workdir: str, abstract_state: Any = None, step: Optional[int] = None, *,
+                      hint: str = 'train it first') -> tuple[dict, int]:
+  """({'params', 'batch_stats'}, step) of the newest (or the given) finalised checkpoint of
+  `workdir`, as orbax's CheckpointManager lists them; the optimizer state and the data
+  position are never read.
+
+  With `abstract_state` (ShapeDtypeStructs carrying the current mesh's shardings,
+  `Experiment.abstract_restore_target`) the arrays are restored into those shardings, after
+  `check_signature`; without it, as host numpy arrays of the saved shapes (another model's
+  checkpoint: `train.init_from`). Raises NoCheckpointError (a FileNotFoundError) naming the
+  directory, the steps there and `hint` (what to do); IncompatibleCheckpointError when the
+  target's parameter shapes differ from the workdir's.
+  """
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise NoCheckpointError(f'no checkpoints in {workdir}: {hint}')
+  ckpt = Checkpointer(workdir, save_every=1, keep=1, read_only=True)
+  try:
+    step = ckpt.pick_step(step, hint=hint)
+    if abstract_state is not None:
+      check_signature(workdir, abstract_state.params)
+    return ckpt.restore_variables(step, abstract_state), step
+  finally:
+    ckpt.close()
 
 
 def _move_aside(path: str) -> str:
@@ -138,9 +161,7 @@ def check_signature(workdir: str, params: Any) -> None:
   path = os.path.join(workdir, 'param_shapes.json')
   current = _shape_signature(params)
   if not os.path.exists(path):
-    if jax.process_index() == 0:
-      with open(path, 'w') as f:
-        json.dump(current, f, indent=1)
+    write_json(path, current)
     return
   with open(path) as f:
     saved = json.load(f)
@@ -195,7 +216,8 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def pick_step(self, step: Optional[int] = None, *, hint: str = 'train it first') -> int:
-    """As the module's `pick_step`, from the steps this manager lists (no second warning)."""
+    """`step` if it is a finalised checkpoint this manager lists, else (None) the newest one.
+    Raises NoCheckpointError naming the directory, the steps there and `hint` (what to do)."""
     return _choose(self._workdir, self.all_steps(), step, hint)
 
   def save(self, step: int, state: Any, data_iterator: Any, *, force: bool = False) -> bool:
@@ -273,14 +295,20 @@ class Checkpointer:
                               data=grain.checkpoint.CheckpointRestore(data_iterator))
     return self._manager.restore(step, args=args)['state']
 
-  def restore_variables(self, step: int, abstract_state: Any) -> dict:
-    """Restores only {'params', 'batch_stats'} (evaluation), into the abstract shardings;
-    the optimizer state is never read. Needs `read_only=True`."""
-    item = {'params': abstract_state.params, 'batch_stats': abstract_state.batch_stats}
-    restore = ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)
-    return self._manager.restore(step, args=ocp.args.Composite(state=restore))['state']
+  def restore_variables(self, step: int, abstract_state: Any = None) -> dict:
+    """{'params', 'batch_stats'} of `step`; the optimizer state is never read. Into
+    `abstract_state`'s shardings, or without it as host numpy arrays of the saved shapes
+    (see the module's `restore_variables`). Needs `read_only=True`."""
+    if abstract_state is None:
+      saved = self._manager.item_metadata(step)['state']
+      item = {k: saved[k] for k in ('params', 'batch_stats') if k in saved}
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    else:
+      item = {'params': abstract_state.params, 'batch_stats': abstract_state.batch_stats}
+      restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    restore = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=restore))['state']
+    return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)

@@ -1,5 +1,7 @@
-"""What train and eval both need from a config: mesh, model, optimizer, state layout, eval data."""
+"""What train and eval both need from a config: mesh, model, optimizer, state layout, and the
+data sources (built on first use: building and compiling a model reads no data)."""
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -9,8 +11,8 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from training.resolve import resolve
-from input_pipeline.pipeline import eval_dataset, preprocess
+from training.resolve import ConfigError, resolve
+from input_pipeline.pipeline import eval_dataset
 from input_pipeline.sources import DatasetInfo, Subset, build_source
 from training.mesh import batch_sharding, build_mesh
 from training.model import build_model
@@ -28,42 +30,62 @@ class Experiment:
   image_shape: tuple
   abstract_state: TrainState
   shardings: TrainState
-  eval_source: Any
-  info: DatasetInfo
 
   @classmethod
   def build(cls, config: ml_collections.ConfigDict,
             devices: Optional[Sequence[jax.Device]] = None, *,
             with_data: bool = True) -> 'Experiment':
-    """Mesh (over `devices`, default all), model, optimizer, state layout and eval data.
+    """Mesh (over `devices`, default all), model, optimizer and state layout; no data is read
+    beyond what `resolve` reads (the image shape comes from the config: `config_image_shape`).
 
-    `with_data=False` (ahead-of-time compilation) opens no dataset when the config fixes the
-    image shape (`config_image_shape`); `eval_source` and `info` are then None. `config` is
-    resolved first, in place (`training.resolve`: values derived from the data and the final
-    fields, checked against the data).
+    `config` is resolved first, in place (`training.resolve`: values derived from the data
+    and the final fields, checked against the data); with `with_data=False` (ahead-of-time
+    compilation, a model built without its data) it opens no dataset when the config alone
+    fixes the image shape. Raises ConfigError when the image shape is still unknown (images
+    of several or non-square sizes, no `input.image_size`), ValueError when a batch size does
+    not divide over the data axis.
     """
     resolve(config, with_data=with_data or config_image_shape(config) is None)
+    image_shape = config_image_shape(config)
+    if image_shape is None:
+      raise ConfigError('the image shape is unknown (stored images of several or non-square '
+                        'sizes): set --config.input.image_size=N to resize them to N x N')
     mesh = build_mesh(config.mesh.axes, config.mesh.shape, devices)
     for name, size in (('input.batch_size', config.input.batch_size),
                        ('input.eval_batch_size', config.input.eval_batch_size)):
       if size % mesh.shape['data']:
         raise ValueError(f'{name}={size} is not divisible by the data axis ({mesh.shape["data"]})')
-    source = info = None
-    image_shape = None if with_data else config_image_shape(config)
-    if image_shape is None:
-      source, info = build_source(config.dataset, config.dataset.eval_split, config.seed,
-                                  train=False)
-      if config.eval.max_examples:
-        source = Subset(source, config.eval.max_examples)
-      first = preprocess(source[0], None, eval_mode=config.input.eval_preprocess,
-                         image_size=config.input.image_size, channels=config.dataset.channels)
-      image_shape = tuple(np.shape(first['image']))
     model = build_model(config)
     tx = build_optimizer(config.optimizer, config.train.num_steps,
                          abstract_params(model, image_shape))
     abstract, shardings = state_shardings(model, tx, image_shape, mesh)
     return cls(config, mesh, model, tx, build_schedule(config.optimizer, config.train.num_steps),
-               image_shape, abstract, shardings, source, info)
+               image_shape, abstract, shardings)
+
+  # ----- Data: both sources, built from the config on first use (FileNotFoundError, saying
+  # how to prepare it, when the data is not there).
+  @functools.cached_property
+  def train_source(self) -> Any:
+    """The train split as training reads it (`build_source(train=True)`: class subset, label
+    noise)."""
+    c = self.config
+    return build_source(c.dataset, c.dataset.train_split, c.seed, train=True)[0]
+
+  @functools.cached_property
+  def _eval_split(self) -> tuple[Any, DatasetInfo]:
+    c = self.config
+    source, info = build_source(c.dataset, c.dataset.eval_split, c.seed, train=False)
+    return (Subset(source, c.eval.max_examples) if c.eval.max_examples else source), info
+
+  @property
+  def eval_source(self) -> Any:
+    """The eval split (its first `eval.max_examples` when set)."""
+    return self._eval_split[0]
+
+  @property
+  def info(self) -> DatasetInfo:
+    """Class count and names of the data."""
+    return self._eval_split[1]
 
   def abstract_batch(self) -> dict:
     """One global train batch as `to_global` assembles it, without data: ShapeDtypeStructs
@@ -94,15 +116,12 @@ class Experiment:
 
 
 def config_image_shape(config: ml_collections.ConfigDict) -> Optional[tuple]:
-  """The model's input image shape (H, W, C) when the config alone fixes it, else None.
+  """The model's input image shape (H, W, C) from the config, or None when it does not fix it.
 
-  Fixed when `input.image_size` and `dataset.channels` are set (the pipeline resizes / crops to
-  that size and decodes to that many channels), or for the synthetic source (its stored size).
-  Otherwise (bundled in-memory sources at their stored size) only the data can tell.
+  The side is `input.image_size` (the pipeline resizes / crops to it), else
+  `dataset.image_size` (the stored side of square images, which `resolve` reads from the
+  data); the channels `dataset.channels` (decoded to that many).
   """
-  ds, size = config.dataset, config.input.image_size
-  if size and ds.channels:
-    return (size, size, ds.channels)
-  if ds.name == 'synthetic':
-    return (ds.image_size, ds.image_size, ds.channels)
-  return None
+  side = config.input.image_size or config.dataset.image_size
+  channels = config.dataset.channels
+  return (side, side, channels) if side and channels else None

@@ -8,32 +8,14 @@ image size, the file's classification head never loaded). Parameters are matched
 ('backbone/...', 'head/projection/...'); only those under the requested prefixes are taken, and
 each must have the same shape as in the new model.
 """
-import os
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from backbones import pretrained
-from training.checkpointing import checkpoint_dir, pick_step
-
-
-def load_variables(workdir: str, step: Optional[int] = None) -> dict:
-  """{'params', 'batch_stats'} of the newest (or given) finalised checkpoint of `workdir`, on
-  the host. Unfinished step directories are skipped with a warning; raises NoCheckpointError
-  (a FileNotFoundError) when there is no finalised one."""
-  step = pick_step(workdir, step, hint='train that run first (train.init_from)')
-  ckpt_root = checkpoint_dir(workdir)
-  path = os.path.join(ckpt_root, str(step), 'state')
-  checkpointer = ocp.PyTreeCheckpointer()
-  saved = checkpointer.metadata(path).item_metadata.tree
-  item = {k: saved[k] for k in ('params', 'batch_stats') if k in saved}
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=as_numpy, partial_restore=True))
-  return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
+from training.checkpointing import restore_variables
 
 
 def graft(target: dict, source: dict, prefixes: Sequence[str]) -> tuple[dict, list[str]]:
@@ -87,8 +69,8 @@ def warm_start(state: Any, source: str, prefixes: Sequence[str], backbone: Any =
   module, picks the name map; see `load_pretrained`)."""
   if source.endswith('.npz'):
     source = load_pretrained(source, jax.device_get(state.params), prefixes, backbone)
-  else:
-    source = load_variables(source)
+  else:   # host arrays of the saved shapes: the source may be another model
+    source, _ = restore_variables(source, hint='train that run first (train.init_from)')
   params, taken = graft(jax.device_get(state.params), source['params'], prefixes)
   stats_prefixes = [p for p in prefixes if any(
       _under(k, [p]) for k in traverse_util.flatten_dict(source['batch_stats'], sep='/'))]
