@@ -78,8 +78,8 @@ def extract(config, workdir: str, out: str) -> dict:
 
 def head_config(head: str, num_classes: int, a: types.SimpleNamespace):
   """The head (as compare_heads builds it) and the optimizer section, for K classes."""
-  from configs import base
-  c = base.base_config()
+  from configs import base, schema
+  c = schema.base_config()
   c.dataset.num_classes = num_classes
   base.comparison_head(c, head, num_factors=a.factors, train_samples=a.samples,
                        eval_samples=1000, chunk=min(100, a.samples))

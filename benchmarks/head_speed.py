@@ -50,7 +50,7 @@ from flax import linen as nn  # noqa: E402
 from heads.softmax import SoftmaxHead  # noqa: E402
 from hetxl import HETXLHead  # noqa: E402
 
-RNGS = {'standard_norm_noise_samples': jax.random.key(1), 'diag_noise_samples': jax.random.key(2)}
+RNGS = {stream: jax.random.key(i) for i, stream in enumerate(HETXLHead.rng_streams, start=1)}
 JFT = dict(B=16, D=1024, K=29593, R=50, S=1000, pe=True)
 
 

@@ -24,13 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import base  # noqa: E402
+from configs import base, schema  # noqa: E402
 
 HEADS = ('det', 'het', 'hetxl', 'soc', 'llc')
 
 
 def build_config(backbone: str, head: str, num_classes: int, a: argparse.Namespace):
-  c = base.synthetic_stand_in(base.base_config(), size=a.image_size)
+  c = base.synthetic_stand_in(schema.base_config(), size=a.image_size)
   c.dataset.num_classes = num_classes
   c.dataset.num_examples = a.batch
   c.input.batch_size = a.batch

@@ -24,7 +24,7 @@ or 16 (Caltech-101) factors, S = 100 train / 1000 eval samples, temperature lear
 Expected: all heads within a few points of accuracy of DET on clean labels; the differences are
 in NLL and ECE. BENCHMARKS.md has the measured table.
 """
-from configs import base
+from configs import base, schema
 from configs import llc_phases as phases
 
 DATASETS = {'cifar10': ('cifar', 6), 'caltech101': ('imagenet', 16)}  # stem, HET factors
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   if dataset not in DATASETS:
     raise ValueError(f'dataset must be one of {sorted(DATASETS)}, got {dataset!r}')
   stem, factors = DATASETS[dataset]
-  c = base.small_image_recipe(base.base_config(), dataset, epochs=args.epochs, batch_size=128,
+  c = base.small_image_recipe(schema.base_config(), dataset, epochs=args.epochs, batch_size=128,
                               stem=stem, data_dir=args.data)
   if args.ood is not None:
     base.hold_out_classes(c, args.ood)

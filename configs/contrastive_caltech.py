@@ -38,7 +38,7 @@ The defaults (64 px, batch 128, 10 epochs) and text=transformer were not run to 
 a from-scratch byte-level text tower cannot know the held-out class names, so expect chance
 there.
 """
-from configs import base
+from configs import base, schema
 
 CLASSES, TRAIN_EXAMPLES, HELD_OUT = 101, 5_784, 0.2
 
@@ -62,7 +62,7 @@ def contrastive_head(c: base.ConfigDict, *, noise: str, text: str) -> base.Confi
 def class_split(seed: int) -> tuple[tuple, tuple]:
   """(training classes, held-out classes) of Caltech-101: a seeded HELD_OUT fraction held out
   (`base.hold_out_classes`)."""
-  c = base.base_config()
+  c = schema.base_config()
   c.dataset.num_classes = CLASSES
   base.hold_out_classes(c, HELD_OUT, seed)
   return tuple(c.dataset.classes), tuple(c.dataset.ood_classes)
@@ -79,7 +79,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   epochs, batch_size, text, eval_on = args.epochs, args.batch, args.text, args.eval_on
   if eval_on not in ('seen', 'heldout', 'cifar10'):
     raise ValueError(f'eval_on must be seen, heldout or cifar10, got {eval_on!r}')
-  c = base.base_config()
+  c = schema.base_config()
   c.seed = args.seed
   _prepared(c, 'caltech101', CLASSES, 64)
   seen, held = class_split(args.split)

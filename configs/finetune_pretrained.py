@@ -20,13 +20,13 @@ HET-XL with R = 15 factors, S = 1000 samples, temperature learnt in [0.05, 5.0].
 Expected: not measured here (no public weights can be downloaded on the development machine);
 the loader is checked against numpy references of big_vision's models (tests/test_pretrained.py).
 """
-from configs import base
+from configs import base, schema
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, ckpt='', backbone='vit_b16', head='hetxl', data='', size=224,
                         steps=10_000, runlocal=False)
-  c = base.base_config()
+  c = schema.base_config()
   base.prepared_dataset(c, 'cifar10', args.data)
   c.input.batch_size = 512
   c.input.eval_batch_size = 512

@@ -11,12 +11,12 @@ Expected (published, uncertainty-baselines): HET NLL 0.898, top-1 77.5%, ECE 0.0
 the `det` variant NLL 0.939, top-1 76.2%, ECE 0.032.
 `:runlocal` swaps in a synthetic 1000-class stand-in and a tiny ResNet-50 for a CPU check.
 """
-from configs import base
+from configs import base, schema
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, det=False, runlocal=False)
-  c = base.base_config()
+  c = schema.base_config()
   c.dataset.name = 'tfds'
   c.dataset.tfds_name = 'imagenet2012'
   c.dataset.num_classes = 1000

@@ -16,13 +16,13 @@ channels, size and example counts read from DIR/metadata.json.
 Expected: about 93% test accuracy for all three on clean labels (ResNet-18, 30 epochs, JPEG-q75
 copy); HET/HET-XL's gain is in NLL, larger with label noise.
 """
-from configs import base
+from configs import base, schema
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, det=False, het=False, noise=0.0, noise_kind='symmetric', data='',
                         runlocal=False)
-  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128,
+  c = base.small_image_recipe(schema.base_config(), 'cifar10', epochs=30, batch_size=128,
                               data_dir=args.data)
   if args.det:
     base.det_head(c)

@@ -20,14 +20,14 @@ checkpoints, `train/eval_mc_samples` ignored. At B = 16 per device the head's fw
 3,937 to 154 GFLOP (22.8x faster on a CPU, BENCHMARKS.md). The default 'mc' is the paper's.
 `:runlocal` uses a synthetic stand-in with 21,843 classes on CPU.
 """
-from configs import base
+from configs import base, schema
 
 NUM_CLASSES = 21_843
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, det=False, runlocal=False)
-  c = base.base_config()
+  c = schema.base_config()
   base.vit_pretraining(
       c, backbone='vit_b16', num_classes=NUM_CLASSES, learning_rate=1e-3,
       num_steps=90 * 13_000_000 // 4096,

@@ -35,14 +35,14 @@ Compiled for a pod without one (`python -m launch.compile --config=configs/hetxl
 MC and 1.10x with quadrature, and fits v4-128 (15.0 GiB of 32 per chip with MC) and v5e-256.
 Variants: `det` (same model, deterministic sigmoid head, bias -10).
 """
-from configs import base
+from configs import base, schema
 
 NUM_CLASSES = 29_593
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, det=False, runlocal=False)
-  c = base.base_config()
+  c = schema.base_config()
   base.vit_pretraining(
       c, backbone='vit_l32', num_classes=NUM_CLASSES, learning_rate=6e-4,
       num_steps=1_000_000,  # ~1 epoch of JFT-4B at batch 4096

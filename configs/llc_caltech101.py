@@ -27,12 +27,12 @@ DET run's SVD codebook: 46.5 / 52.3 / 55.9%), strict ED 42.1 / 43.6 / 35.0%. Bel
 classes share a code (a random 7-bit codebook of 101 classes has about 71 distinct codes).
 `:runlocal` trains a tiny-width ResNet-18 for a few steps on CPU.
 """
-from configs import base
+from configs import base, schema
 from configs import llc_phases as phases
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, data='', **phases.ARGS)
-  c = base.small_image_recipe(base.base_config(), 'caltech101', epochs=60, batch_size=64,
+  c = base.small_image_recipe(schema.base_config(), 'caltech101', epochs=60, batch_size=64,
                               data_dir=args.data)
   phases.paper_optimizer(c)
   phases.configure(c, args)

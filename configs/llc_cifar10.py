@@ -23,13 +23,13 @@ after phase 2. Short runs fall well short of that: on scaled-down Caltech-101 (1
 class-code accuracy was 10-16 points below DET and codes collided (see llc_caltech101.py).
 `:runlocal` trains a tiny-width ResNet-18 for a few steps on CPU.
 """
-from configs import base
+from configs import base, schema
 from configs import llc_phases as phases
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, data='', **phases.ARGS)
-  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128,
+  c = base.small_image_recipe(schema.base_config(), 'cifar10', epochs=30, batch_size=128,
                               data_dir=args.data)
   c.model.backbone_kwargs.width = 1.0
   phases.paper_optimizer(c)

@@ -17,7 +17,7 @@ codes, ED 68.82%, MHD 74.57%, 19.2 of 20 bits right; real-valued ResNet-50 (`:de
 Baseline codebooks from a trained classifier, unique of 1000: random 1000, CCA 813, SVD 969.
 `:runlocal` builds a tiny-width ResNet-50 at batch 16 (running it still needs the data).
 """
-from configs import base
+from configs import base, schema
 from configs import llc_phases as phases
 
 SETUP_HINT = (
@@ -68,7 +68,7 @@ def imagenet_recipe(c: base.ConfigDict, epochs: int = 100,
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, **phases.ARGS)
-  c = imagenet_recipe(base.base_config())
+  c = imagenet_recipe(schema.base_config())
   phases.configure(c, args)
   if args.runlocal:
     base.runlocal(c)

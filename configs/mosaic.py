@@ -23,7 +23,7 @@ Expected with these defaults (BENCHMARKS.md, "Multi-label mosaic"; ~55 min each 
 (prec@1 still rose 7-8 points from epoch 1 to 2), so train longer for a real comparison.
 `:runlocal` (4 steps on the prepared data, tiny ResNet) only checks the path end to end.
 """
-from configs import base
+from configs import base, schema
 
 TRAIN_MOSAICS = 20_000   # --num_mosaics of the preparation command
 DATA_DIR = '.data/cifar10_mosaic'
@@ -33,7 +33,7 @@ PREPARE = ('python -m launch.prepare_data --source=mosaic:cifar10_npz --input_di
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, det=False, epochs=2.0, width=0.25, stem='imagenet', runlocal=False)
-  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=args.epochs, batch_size=128,
+  c = base.small_image_recipe(schema.base_config(), 'cifar10', epochs=args.epochs, batch_size=128,
                               stem=args.stem, data_dir=DATA_DIR)
   c.dataset.multi_label = True
   c.dataset.max_labels = 4

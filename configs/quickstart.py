@@ -19,7 +19,7 @@ temperature), `:data=DIR` (the same small convnet on any prepared dataset: class
 size and pixel statistics read from DIR/metadata.json; a quick first model on your own data);
 they combine with `:compare`.
 """
-from configs import base
+from configs import base, schema
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
 
 
 def _recipe(args: base.ConfigDict, num_steps: int, hetxl: bool = False) -> base.ConfigDict:
-  c = base.base_config()
+  c = schema.base_config()
   c.dataset.name = 'digits'        # 8x8 gray
   c.dataset.num_classes = 10
   if args.data:                    # classes, channels, size: from the data

@@ -11,12 +11,12 @@ pad-crop + flip on JPEG-q75 CIFAR-10): CE ~86.9%, SOC dims 1/2/5/10 ~71.8/83.4/8
 classes, channels, size and example counts read from DIR/metadata.json.
 `:runlocal` trains a tiny-width ResNet-18 for a few steps on CPU.
 """
-from configs import base
+from configs import base, schema
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, dims=10, det=False, learn_scale=False, data='', runlocal=False)
-  c = base.small_image_recipe(base.base_config(), 'cifar10', epochs=30, batch_size=128,
+  c = base.small_image_recipe(schema.base_config(), 'cifar10', epochs=30, batch_size=128,
                               data_dir=args.data)
   if args.det:
     c.model.head = 'softmax'

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from evaluation.evaluator import EVAL_SEED
+from heads.base import INTERMEDIATES
 from input_pipeline.pipeline import device_batches
 from training.experiment import Experiment
 from training.mesh import batch_sharding
@@ -49,8 +50,8 @@ def collect(exp: Experiment, variables: dict, fn: Callable[[Any, Any], dict],
 
   def step(params, batch_stats, batch):
     out, _ = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
-                         method=fn, rngs=step_rngs(jax.random.key(EVAL_SEED), 0),
-                         mutable=['intermediates'])
+                         method=fn, rngs=step_rngs(jax.random.key(EVAL_SEED), 0, model.head),
+                         mutable=[INTERMEDIATES])
     return {**{k: v for k, v in out.items() if v is not None}, 'label': batch['label'],
             'mask': batch['mask'], 'index': batch['index']}
 

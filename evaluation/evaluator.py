@@ -40,11 +40,11 @@ def make_eval_step(model: nn.Module, mesh: Mesh, state_shardings: Any) -> Callab
   Always 'confidence', 'correct', 'nll', 'mask' [B]; for label sets also 'labelled' [B],
   'scores' [B, K] (class probabilities, for mAP) and 'label' [B, L].
   """
-  link = getattr(model.head, 'link', 'softmax')
+  link = model.head.link
 
   def step(params, batch_stats, batch):
     out = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
-                      train=False, rngs=step_rngs(jax.random.key(EVAL_SEED), 0))
+                      train=False, rngs=step_rngs(jax.random.key(EVAL_SEED), 0, model.head))
     probs = probabilities(link, out.logits)
     labels = batch['label']
     if labels.ndim == 2:

@@ -34,7 +34,7 @@ def class_probabilities(module: Any, images: jax.Array) -> dict:
   (sigmoid heads normalised, as the evaluator does; MC heads with the evaluator's fixed noise,
   drawn from the rngs `evaluation.collect.collect` passes)."""
   out = module(images, train=False)
-  probs = probabilities(getattr(module.head, 'link', 'softmax'), out.logits).astype(jnp.float32)
+  probs = probabilities(module.head.link, out.logits).astype(jnp.float32)
   return {'probs': probs / jnp.sum(probs, -1, keepdims=True)}
 
 

@@ -1,6 +1,7 @@
 """The contract every classification head follows, and the losses heads share.
 
-A head is a Flax Linen module called as
+A head is a Flax Linen module derived from `Head` (the registry refuses any other class),
+called as
 
     out = head(features, labels=None, *, train)    # features: [B, D] float
 
@@ -12,23 +13,19 @@ and returning `HeadOutput(logits, loss)`:
 `labels` are integer class ids: [B] (one class per example) or [B, L] (a set of classes per
 example, padded with -1; multi-label data such as JFT). `class_targets` turns either into the
 [B, K] multi-hot target on the device, so no [B, K] array ever travels from the host. Each head
-owns its loss (label smoothing, MC estimate,
-auxiliary terms), so the trainer never branches on the head type. A head declares its link with
-the class attribute `link` ('softmax' or 'sigmoid'); a head that cannot train on label sets
-says why in the class attribute `label_sets_unsupported` (a sentence), and a config with
-`dataset.multi_label` is refused when the model is built; extra scalars to log (a temperature, say)
-go to `self.sow('head_metrics', name, value)`. A head whose loss couples the examples of a batch
-(the in-batch contrastive loss of `hetxl.contrastive`) sets the class attribute
-`in_batch_loss = True` and is then also called with `mask=` [B] (1 = real example, 0 = padding),
-which it must keep out of every example's loss; a head built from the dataset config (class
-names for captions) has a classmethod `from_dataset(dataset, num_classes, **kwargs)`.
+owns its loss (label smoothing, MC estimate, auxiliary terms), so the trainer never branches on
+the head type: it reads what it needs from the class attributes `Head` documents (the link, the
+rng streams the head draws, what it sows, the fixed variables it keeps). A head built from the
+dataset config (class names for captions) has a classmethod
+`from_dataset(dataset, num_classes, **kwargs)`; one that derives kwargs from the class count has
+`resolve_kwargs(num_classes, kwargs)` (`heads.registry`).
 
 Every head also has `ood_scores(features, logits) -> {name: [B] float32}`: its own
 out-of-distribution scores (HET / HET-XL 'mc_entropy', SOC 'max_log_density', LLC
 'llc_no_match'; {} for DET), oriented so that higher = more likely out-of-distribution.
 `evaluation.ood` adds the scores every head shares (MSP, entropy, max logit) from the logits.
 """
-from typing import NamedTuple, Optional
+from typing import ClassVar, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +33,63 @@ import optax
 from flax import linen as nn
 
 
+METRICS = 'head_metrics'          # sown scalars the trainer logs every step (a temperature)
+INTERMEDIATES = 'intermediates'   # sown arrays for analysis only (LLC's real-valued codes)
+LINKS = ('softmax', 'sigmoid')
+FALLBACK_NOISE_SEED = 0           # a head's noise key in eval when the caller passes no rngs
+
+
 class HeadOutput(NamedTuple):
   logits: jax.Array
   loss: Optional[jax.Array]
+
+
+class Head(nn.Module):
+  """Base class of every head: the contract as class attributes, read by the trainer,
+  evaluators and benchmarks (which never branch on the head type).
+
+  * `link` ('softmax' | 'sigmoid'), no default, every head states it: which function of the
+    logits is the class probability (`probabilities`) and which loss matches it
+    (`link_loss`). A class attribute, or a field where the head lets the config choose.
+  * `rng_streams`: the names of the rng streams the head draws with `make_rng` (besides
+    'params'). In training the caller must pass them (`training.model.step_rngs`); a head
+    falls back to fixed keys in eval when they are absent (`noise_key`).
+  * `sows`: {collection: names} the head may `sow`: `METRICS` (scalars, e.g. a learnt
+    temperature, logged every training step) or `INTERMEDIATES` (arrays for analysis, read
+    with `apply(..., mutable=[INTERMEDIATES])` under `intermediates/head/<name>`).
+  * `fixed_variables`: {collection: names} of non-trainable variables the head creates at
+    init and never changes, checkpointed with the params under `<collection>/head/<name>`
+    (LLC phase 2's class codes in 'batch_stats', so the optimizer never sees them).
+  * `in_batch_loss`: True when the loss couples the examples of a batch (the in-batch
+    contrastive loss of `hetxl.contrastive`); such a head is also called with `mask=` [B]
+    (1 = real example, 0 = padding) and must keep padding out of every example's loss.
+  * `label_sets_unsupported`: None, or a sentence saying why the head cannot train on label
+    sets [B, L]; a config with `dataset.multi_label` is then refused when the model is built.
+  """
+  rng_streams: ClassVar[Tuple[str, ...]] = ()
+  sows: ClassVar[Mapping[str, Tuple[str, ...]]] = {}
+  fixed_variables: ClassVar[Mapping[str, Tuple[str, ...]]] = {}
+  in_batch_loss: ClassVar[bool] = False
+  label_sets_unsupported: ClassVar[Optional[str]] = None
+
+  def ood_scores(self, x: jax.Array, logits: jax.Array) -> Dict[str, jax.Array]:
+    """The head's own OOD scores {name: [B] float32} (higher = more likely OOD) of features
+    x [B, D] and the head's eval logits [B, K]; {} for none."""
+    raise NotImplementedError(f'{type(self).__name__} must define ood_scores (may return {{}})')
+
+  def noise_key(self, stream: str, train: bool) -> jax.Array:
+    """The key of rng `stream` (one of `rng_streams`). Without that stream: a ValueError when
+    `train`, else the fixed fold_in(key(FALLBACK_NOISE_SEED), position of `stream` in
+    `rng_streams`), so repeated evaluations draw the same noise."""
+    if stream not in self.rng_streams:
+      raise ValueError(f'{type(self).__name__} draws {stream!r}, which is not among its '
+                       f'declared rng_streams {self.rng_streams}')
+    if self.has_rng(stream):
+      return self.make_rng(stream)
+    if train:
+      raise ValueError(f'{type(self).__name__} needs the rng stream {stream!r} when train=True')
+    return jax.random.fold_in(jax.random.key(FALLBACK_NOISE_SEED),
+                              self.rng_streams.index(stream))
 
 
 def class_targets(labels: jax.Array, num_classes: int) -> jax.Array:

@@ -3,6 +3,8 @@ import importlib
 
 from flax import linen as nn
 
+from heads.base import LINKS, Head
+
 _HEADS = {
     'softmax': 'heads.softmax:SoftmaxHead',
     'hetxl': 'hetxl.heads:HETXLHead',
@@ -20,8 +22,7 @@ def build_head(name: str, num_classes: int, dataset=None, **kwargs) -> nn.Module
   from the `dataset` config."""
   if name not in _HEADS:
     raise ValueError(f'unknown head {name!r}; known heads: {sorted(_HEADS)}')
-  module_name, cls_name = _HEADS[name].split(':')
-  cls = getattr(importlib.import_module(module_name), cls_name)
+  cls = head_class(name)
   if hasattr(cls, 'from_dataset'):
     if dataset is None:
       raise ValueError(f'head {name!r} is built from a dataset config; pass dataset=')
@@ -30,11 +31,23 @@ def build_head(name: str, num_classes: int, dataset=None, **kwargs) -> nn.Module
 
 
 def head_class(name: str) -> type:
-  """The head class registered under `name`."""
+  """The head class registered under `name`. Raises ValueError for an unknown name and
+  TypeError for a class that does not derive from `heads.base.Head` (the head contract)."""
   if name not in _HEADS:
     raise ValueError(f'unknown head {name!r}; known heads: {sorted(_HEADS)}')
   module_name, cls_name = _HEADS[name].split(':')
-  return getattr(importlib.import_module(module_name), cls_name)
+  cls = getattr(importlib.import_module(module_name), cls_name)
+  if not issubclass(cls, Head):
+    raise TypeError(f'head {name!r} ({_HEADS[name]}) must derive from heads.base.Head, which '
+                    'declares the contract the trainer reads (link, rng streams, sows)')
+  if getattr(cls, 'link', None) not in LINKS:
+    raise TypeError(f"head {name!r} ({_HEADS[name]}) must declare its link, one of {LINKS}")
+  return cls
+
+
+def head_names() -> list:
+  """Every registered head name, sorted."""
+  return sorted(_HEADS)
 
 
 def resolve_head_kwargs(name: str, num_classes: int, kwargs: dict) -> dict:

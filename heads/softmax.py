@@ -5,14 +5,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from heads.base import HeadOutput, class_sharded, link_loss
+from heads.base import METRICS, Head, HeadOutput, class_sharded, link_loss
 from heads.temperature import BoundedTemperature
 
 
-class SoftmaxHead(nn.Module):
+class SoftmaxHead(Head):
   """logits = (phi W + b) / tau. `tau` is 1, a fixed float, or learnt within `temperature_bounds`."""
   num_classes: int
   link: str = 'softmax'
+  sows = {METRICS: ('temperature',)}     # with learn_temperature
   label_smoothing: float = 0.0
   temperature: float = 1.0
   learn_temperature: bool = False

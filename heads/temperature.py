@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from heads.base import METRICS
+
 
 class BoundedTemperature(nn.Module):
   """tau = lower + (upper - lower) * sigmoid(p), with p a scalar initialised to 0.
@@ -21,5 +23,5 @@ class BoundedTemperature(nn.Module):
       raise ValueError(f'temperature bounds must satisfy 0 < lower < upper, got {self.bounds}')
     p = self.param('pre_sigmoid_temperature', nn.initializers.zeros, (), jnp.float32)
     tau = lower + (upper - lower) * jax.nn.sigmoid(p)
-    self.sow('head_metrics', 'temperature', tau)
+    self.sow(METRICS, 'temperature', tau)
     return tau

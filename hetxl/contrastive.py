@@ -59,12 +59,12 @@ import numpy as np
 from flax import linen as nn
 
 from backbones.text import build_text_tower
-from heads.base import HeadOutput
+from heads.base import METRICS, Head, HeadOutput
 from heads.temperature import BoundedTemperature
 from hetxl import mc
-from hetxl.heads import low_rank_noise, noise_layers
+from hetxl.heads import RNG_DIAG, RNG_R, low_rank_noise, noise_layers
 
-_RNG_R, _RNG_DIAG, _RNG_CAPTIONS = 'standard_norm_noise_samples', 'diag_noise_samples', 'captions'
+RNG_CAPTIONS = 'captions'   # the template of each training caption
 _MASKED = -1e9      # logit of a padding example: exp() underflows to 0 in every softmax
 
 
@@ -111,7 +111,7 @@ def contrastive_loss(sample_fn: Callable[[jax.Array], jax.Array], num_samples: i
   return jnp.where(valid, per_example, 0.0)
 
 
-class ContrastiveHead(nn.Module):
+class ContrastiveHead(Head):
   """Two-tower head: image projection + text tower + (HET-XL) contrastive loss.
 
   Called as every head, `head(features [B, D], labels [B] or None, *, train, mask=None)` ->
@@ -143,6 +143,9 @@ class ContrastiveHead(nn.Module):
   context_length: int = 32                       # byte tokens per caption ('transformer')
   text_embeddings: str = ''                      # 'locked': file; '' = <data_dir>/text_embeddings.npz
 
+  link = 'softmax'      # softmax(logits) is the zero-shot class probability, whatever `loss`
+  rng_streams = (RNG_DIAG, RNG_R, RNG_CAPTIONS)
+  sows = {METRICS: ('temperature', 'inverse_temperature')}
   in_batch_loss = True
   label_sets_unsupported = ('its captions are built from one class name per image (a label '
                             'set has no single caption).')
@@ -178,7 +181,7 @@ class ContrastiveHead(nn.Module):
       t = self.param('log_inverse_temperature', nn.initializers.constant(
           math.log(self.inverse_temperature_init)), (), jnp.float32)
       scale = jnp.minimum(jnp.exp(t), self.max_inverse_temperature)
-      self.sow('head_metrics', 'inverse_temperature', scale)
+      self.sow(METRICS, 'inverse_temperature', scale)
     learn_bias = self.loss == 'sigmoid' if self.learn_bias is None else self.learn_bias
     bias = (self.param('bias', nn.initializers.constant(self.bias_init), (), jnp.float32)
             if learn_bias else jnp.float32(self.bias_init))
@@ -210,8 +213,8 @@ class ContrastiveHead(nn.Module):
 
     # This batch's captions: template t_i of class labels[i], t_i uniform per example.
     num_templates = table.shape[1]
-    if self.has_rng(_RNG_CAPTIONS):
-      t = jax.random.randint(self.make_rng(_RNG_CAPTIONS), (batch,), 0, num_templates)
+    if self.has_rng(RNG_CAPTIONS):
+      t = jax.random.randint(self.make_rng(RNG_CAPTIONS), (batch,), 0, num_templates)
     else:
       t = jnp.zeros((batch,), jnp.int32)
     texts = l2_normalize(text(table[labels, t]))                                   # [B, E]
@@ -231,16 +234,9 @@ class ContrastiveHead(nn.Module):
     """sample_fn(idx) -> [B, C, B] logits of the noisy image embeddings n(z + eps_s)."""
     batch, dim, R = z.shape[0], z.shape[1], self.num_factors
     num_samples = self.train_mc_samples
-
-    def key(name):
-      if self.has_rng(name):
-        return self.make_rng(name)
-      if train:
-        raise ValueError(f'ContrastiveHead needs the rng stream {name!r} when train=True')
-      return jax.random.fold_in(jax.random.key(0), (_RNG_R, _RNG_DIAG).index(name))
-
-    key_diag = key(_RNG_DIAG)
-    eps_r = mc.normal_upfront(key(_RNG_R), batch, num_samples, R, False) if R else None
+    key_diag = self.noise_key(RNG_DIAG, train)
+    eps_r = (mc.normal_upfront(self.noise_key(RNG_R, train), batch, num_samples, R, False)
+             if R else None)
 
     def sample_fn(idx):
       eps = scales.d[:, None, :] * mc.normal_per_sample(key_diag, idx, batch, dim, False)

@@ -48,8 +48,13 @@ B*K*D*(R+1) for HET-XL, no [B, S, K] or [B, D, D] tensor) and log p, log(1 - p) 
 deterministic, with the same params as 'mc' (checkpoints are interchangeable). The default
 `mc_method='mc'` is the paper's estimator. `sample_logits` / `draw_noise` always sample.
 
-Eval (`train=False`) uses `eval_mc_samples`; without the noise rngs it uses a fixed key, so
-repeated evals agree. `return_locs=True` returns mu (not divided by tau) and no MC is run.
+Code: `_layers` creates every parameter and evaluates mu, the noise scales and tau; `_draws` the
+standard normals; `het_samples` / `hetxl_samples` / `hetxl_rank1_samples` are the sample
+functions idx -> u_s above; `mc_softmax_log_probs` and `mc_sigmoid_log_probs` the two MC
+estimators (`_marginals` + `hetxl.quadrature` the sigmoid link's closed form).
+
+Eval (`train=False`) uses `eval_mc_samples`; without the noise rngs it uses a fixed key
+(`heads.base.Head.noise_key`), so repeated evals agree. `return_locs=True` returns mu (not divided by tau) and no MC is run.
 """
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -57,15 +62,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from heads.base import (HeadOutput, class_sharded, link_loss, sigmoid_cross_entropy,
-                        sigmoid_targets)
+from heads.base import (LINKS, METRICS, Head, HeadOutput, class_sharded, link_loss,
+                        sigmoid_cross_entropy, sigmoid_targets)
 from heads.temperature import BoundedTemperature
 from hetxl import mc, quadrature
 
 MIN_SCALE = 1e-3
 CLIP_EPS = 1e-7
-EVAL_SEED = 0
-_RNG_R, _RNG_DIAG = 'standard_norm_noise_samples', 'diag_noise_samples'
+RNG_R, RNG_DIAG = 'standard_norm_noise_samples', 'diag_noise_samples'   # eps_R, eps_n
 
 
 class _DenseParams(nn.Module):
@@ -138,7 +142,91 @@ def low_rank_noise(s: NoiseScales, eps_r: jax.Array, cd: Any) -> jax.Array:
   return _mm('bnr,bcr->bcn', s.scale, eps_r, cd)
 
 
-class _HeteroscedasticHead(nn.Module):
+class Layers(NamedTuple):
+  """What the head's layers give for features x [B, D]: `mu` = W^T x + b [B, K], the loc
+  kernel `w` [D, K], the noise `scales` (n = K for HET, D for HET-XL) and the temperature
+  `tau` (a scalar)."""
+  mu: jax.Array
+  w: jax.Array
+  scales: NoiseScales
+  tau: jax.Array
+
+
+class Draws(NamedTuple):
+  """Standard-normal draws for S samples: `eps_r` [B, S, R] (None when R = 0), drawn up front,
+  and `diag(idx [C])` -> [B or 1, C, n] (independent) or [B, C, 1] (rank1) for samples idx."""
+  eps_r: Optional[jax.Array]
+  diag: Callable[[jax.Array], jax.Array]
+
+
+def latent_factors(s: NoiseScales) -> Tuple[Optional[jax.Array], Optional[jax.Array]]:
+  """HET-XL's pre-logit noise written as shift + V' eps_R: (shift [B, D] = b_J * v for the
+  parameter-efficient variant, else None; factors V'^T [B, R, D], None when R = 0)."""
+  if s.v is not None:
+    return s.hom_b * s.v, s.hom_k[None] * s.v[:, None, :]
+  if s.scale is not None:
+    return None, jnp.swapaxes(s.scale, 1, 2)
+  return None, None
+
+
+def het_samples(mu: jax.Array, s: NoiseScales, draws: Draws, cd: Any) -> mc.SampleFn:
+  """HET, noise on the logits: u_s = mu + V(x) eps_R,s + d(x) * eps_K,s, [B, C, K]."""
+  def sample_fn(idx):
+    u = mu[:, None, :] + s.d[:, None, :] * draws.diag(idx)
+    if draws.eps_r is None:
+      return u
+    return u + low_rank_noise(s, mc.take_samples(draws.eps_r, idx), cd)
+  return sample_fn
+
+
+def hetxl_samples(mu: jax.Array, w: jax.Array, s: NoiseScales, draws: Draws,
+                  cd: Any) -> mc.SampleFn:
+  """HET-XL, noise on the pre-logits: u_s = mu + W^T (V'(x) eps_R,s + d'(x) * eps_D,s),
+  [B, C, K]; one [B*C, D] x [D, K] matmul per chunk."""
+  def sample_fn(idx):
+    eps = s.d[:, None, :] * draws.diag(idx)
+    if draws.eps_r is not None:
+      eps = eps + low_rank_noise(s, mc.take_samples(draws.eps_r, idx), cd)
+    return mu[:, None, :] + _mm('bcd,dk->bck', eps, w, cd)
+  return sample_fn
+
+
+def hetxl_rank1_samples(mu: jax.Array, w: jax.Array, s: NoiseScales, draws: Draws,
+                        cd: Any) -> mc.SampleFn:
+  """HET-XL with rank-1 diagonal noise, factorised exactly: u_s = mu + W^T shift
+  + (W^T V') eps_R,s + (W^T d') z_s, [B, C, K]; costs B*K*(R+1)*(D+S), no [B, C, D] tensor."""
+  shift, factors = latent_factors(s)
+  mu_eff = mu if shift is None else mu + _mm('bd,dk->bk', shift, w, cd)
+  c = _mm('bd,dk->bk', s.d, w, cd)
+  # [B, R, K]; (the [B, R, .] layout also avoids a bf16 dot XLA:CPU lacks)
+  a = None if draws.eps_r is None else _mm('brd,dk->brk', factors, w, cd)
+
+  def sample_fn(idx):
+    u = mu_eff[:, None, :] + c[:, None, :] * draws.diag(idx)
+    if a is None:
+      return u
+    return u + _mm('brk,bcr->bck', a, mc.take_samples(draws.eps_r, idx), cd)
+  return sample_fn
+
+
+def mc_softmax_log_probs(sample_fn: mc.SampleFn, tau: jax.Array, num_samples: int,
+                         chunk_size: Optional[int]) -> jax.Array:
+  """log p = log (1/S) sum_s softmax(u_s / tau), [B, K], as a logsumexp over samples of
+  log_softmax minus log S (never a log of a clipped probability)."""
+  log_fn = lambda u: (jax.nn.log_softmax(u / tau, axis=-1),)
+  (log_p,) = mc.mc_log_mean_exp(sample_fn, log_fn, num_samples, chunk_size)
+  return log_p
+
+
+def mc_sigmoid_log_probs(sample_fn: mc.SampleFn, tau: jax.Array, num_samples: int,
+                         chunk_size: Optional[int]) -> Tuple[jax.Array, jax.Array]:
+  """(log p, log (1 - p)) with p = (1/S) sum_s sigmoid(u_s / tau), [B, K] each; as
+  1 - sigmoid(u) = sigmoid(-u), both are logsumexps over samples of log_sigmoid(+-u / tau)."""
+  log_fn = lambda u: (jax.nn.log_sigmoid(u / tau), jax.nn.log_sigmoid(-u / tau))
+  return mc.mc_log_mean_exp(sample_fn, log_fn, num_samples, chunk_size)
+
+
+class _HeteroscedasticHead(Head):
   """Shared implementation; `_latent_noise` selects HET-XL (noise in pre-logit space)."""
   num_classes: int
   num_factors: int
@@ -160,20 +248,53 @@ class _HeteroscedasticHead(nn.Module):
   mc_method: str = 'mc'
   quadrature_nodes: int = 32
 
+  rng_streams = (RNG_DIAG, RNG_R)
+  sows = {METRICS: ('temperature',)}     # with learn_temperature
   _latent_noise = False
 
   def __call__(self, x: jax.Array, labels: Optional[jax.Array] = None, *,
                train: bool = False) -> HeadOutput:
-    return self._run(x, labels, train, 'head')
+    h = self._layers(x)
+    if self.return_locs:
+      loss = None if labels is None else link_loss(self.link, h.mu, labels, self.label_smoothing)
+      return HeadOutput(h.mu, loss)
+    if self.mc_method == 'quadrature':
+      log_p, log_1mp = quadrature.sigmoid_log_marginals(*self._marginals(h), h.tau,
+                                                        self.quadrature_nodes)
+      return self._sigmoid_output(log_p, log_1mp, labels)
+    num_samples = self._num_samples(train)
+    sample_fn = self._sample_fn(h, self._draws(h, num_samples, train))
+    if self.link == 'softmax':
+      log_p = mc_softmax_log_probs(sample_fn, h.tau, num_samples, self.mc_chunk_size)
+      return self._softmax_output(log_p, labels)
+    log_p, log_1mp = mc_sigmoid_log_probs(sample_fn, h.tau, num_samples, self.mc_chunk_size)
+    return self._sigmoid_output(log_p, log_1mp, labels)
 
   def sample_logits(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """All S pre-temperature logit samples u_s, [B, S, K] (materialised: for tests and analysis)."""
-    return self._run(x, None, train, 'samples')
+    h = self._layers(x)
+    num_samples = self._num_samples(train)
+    sample_fn = self._sample_fn(h, self._draws(h, num_samples, train))
+    return sample_fn(jnp.arange(num_samples))
 
   def marginals(self, x: jax.Array, *, train: bool = False) -> Tuple[jax.Array, jax.Array]:
     """Mean and variance [B, K] of each pre-temperature logit u_k, in closed form (what
     `mc_method='quadrature'` integrates over; any link, no samples)."""
-    return self._run(x, None, train, 'marginals')
+    del train
+    return self._marginals(self._layers(x))
+
+  def draw_noise(self, x: jax.Array, *, train: bool = False) -> Dict[str, jax.Array]:
+    """The standard-normal draws the head uses for `x` with the same rngs (materialised).
+
+    'eps_r' [B, S, R]; 'eps_diag' [B, S, n] (independent) or [B, S, 1] (rank1), n = K or D.
+    """
+    h = self._layers(x)
+    num_samples = self._num_samples(train)
+    draws = self._draws(h, num_samples, train)
+    batch, n = h.scales.d.shape
+    shape = (batch, num_samples, 1 if self.diag_noise == 'rank1' else n)
+    return {'eps_r': draws.eps_r,
+            'eps_diag': jnp.broadcast_to(draws.diag(jnp.arange(num_samples)), shape)}
 
   def ood_scores(self, x: jax.Array, logits: jax.Array) -> Dict[str, jax.Array]:
     """'mc_entropy' [B], nats: the entropy of the MC predictive distribution
@@ -188,15 +309,8 @@ class _HeteroscedasticHead(nn.Module):
     return {'mc_entropy': -jnp.sum(p * jax.nn.log_sigmoid(logits)
                                    + (1 - p) * jax.nn.log_sigmoid(-logits), -1)}
 
-  def draw_noise(self, x: jax.Array, *, train: bool = False) -> Dict[str, jax.Array]:
-    """The standard-normal draws the head uses for `x` with the same rngs (materialised).
-
-    'eps_r' [B, S, R]; 'eps_diag' [B, S, n] (independent) or [B, S, 1] (rank1), n = K or D.
-    """
-    return self._run(x, None, train, 'noise')
-
   def _check(self, dim: int):
-    if self.link not in ('softmax', 'sigmoid'):
+    if self.link not in LINKS:
       raise ValueError(f"link must be 'softmax' or 'sigmoid', got {self.link!r}")
     if self.diag_noise not in ('independent', 'rank1'):
       raise ValueError(f"diag_noise must be 'independent' or 'rank1', got {self.diag_noise!r}")
@@ -220,115 +334,51 @@ class _HeteroscedasticHead(nn.Module):
       raise ValueError(f'latent_dim must equal the feature dimension D={dim} (HET-XL adds noise '
                        f'to the pre-logits, there is no projection), got latent_dim={latent_dim}')
 
-  def _noise_key(self, name: str, train: bool) -> jax.Array:
-    if self.has_rng(name):
-      return self.make_rng(name)
-    if train:
-      raise ValueError(f"{type(self).__name__} needs the rng stream {name!r} when train=True")
-    return jax.random.fold_in(jax.random.key(EVAL_SEED), (_RNG_R, _RNG_DIAG).index(name))
+  def _num_samples(self, train: bool) -> int:
+    return self.train_mc_samples if train else self.eval_mc_samples
 
   @nn.compact
-  def _run(self, x: jax.Array, labels: Optional[jax.Array], train: bool, mode: str):
-    batch, dim = x.shape
+  def _layers(self, x: jax.Array) -> Layers:
+    """Creates every parameter (whatever the options, so the param tree never changes) and
+    evaluates the layers on features x [B, D]."""
+    dim = x.shape[1]
     self._check(dim)
     x = x.astype(jnp.float32)
-    K, R, cd = self.num_classes, self.num_factors, self.compute_dtype
-    latent = self._latent_noise
-    n = dim if latent else K        # noise dimension
-    shard = not latent              # HET's noise layers have a class dimension
-
-    # Parameters (all created whatever the options, so the param tree never changes).
-    w, b = _DenseParams(dim, K, True, self.head_bias_init, name='loc_layer')()
-    noise_scales = noise_layers(dim, n, R, self.parameter_efficient, shard)
+    w, b = _DenseParams(dim, self.num_classes, True, self.head_bias_init, name='loc_layer')()
+    # HET's noise layers have a class dimension (sharded); HET-XL's do not.
+    n = dim if self._latent_noise else self.num_classes
+    noise_scales = noise_layers(dim, n, self.num_factors, self.parameter_efficient,
+                                shard=not self._latent_noise)
     if self.learn_temperature:
       tau = BoundedTemperature(self.temperature_bounds, name='temperature')()
     else:
       tau = jnp.float32(self.temperature)
+    cd = self.compute_dtype
+    return Layers(_mm('bd,dk->bk', x, w, cd) + b, w, noise_scales(x, cd), tau)
 
-    mu = _mm('bd,dk->bk', x, w, cd) + b
-    if self.return_locs and mode == 'head':
-      loss = None if labels is None else link_loss(self.link, mu, labels, self.label_smoothing)
-      return HeadOutput(mu, loss)
-
-    # x-dependent noise scales.
-    scales = noise_scales(x, cd)
-    d, v, scale, hom_k, hom_b = scales
-
-    if mode == 'marginals' or (self.mc_method == 'quadrature' and mode == 'head'):
-      mean, var = self._marginals(mu, w, d, hom_k, hom_b, v, scale)
-      if mode == 'marginals':
-        return mean, var
-      log_p, log_1mp = quadrature.sigmoid_log_marginals(mean, var, tau, self.quadrature_nodes)
-      return self._sigmoid_output(log_p, log_1mp, labels)
-
-    # Noise. Low-dimensional draws are made for all samples up front, diagonal ones per chunk.
-    num_samples = self.train_mc_samples if train else self.eval_mc_samples
+  def _draws(self, h: Layers, num_samples: int, train: bool) -> Draws:
+    """eps_R for all samples up front; the diagonal noise per sample (independent: sample s
+    from fold_in(key, s), so no [B, S, n] tensor exists) or up front (rank1: [B, S, 1])."""
+    batch, n = h.scales.d.shape
     share = self.share_samples_across_batch
-    rank1 = self.diag_noise == 'rank1'
-    eps_r = (mc.normal_upfront(self._noise_key(_RNG_R, train), batch, num_samples, R, share)
-             if R else None)
-    key_diag = self._noise_key(_RNG_DIAG, train)
-    if rank1:
-      eps_diag = mc.normal_upfront(key_diag, batch, num_samples, 1, share)
+    eps_r = (mc.normal_upfront(self.noise_key(RNG_R, train), batch, num_samples,
+                               self.num_factors, share) if self.num_factors else None)
+    key_diag = self.noise_key(RNG_DIAG, train)
+    if self.diag_noise == 'rank1':
+      z = mc.normal_upfront(key_diag, batch, num_samples, 1, share)
+      return Draws(eps_r, lambda idx: mc.take_samples(z, idx))
+    return Draws(eps_r, lambda idx: mc.normal_per_sample(key_diag, idx, batch, n, share))
 
-    def diag_noise(idx):     # [B or 1, C, n or 1]
-      if rank1:
-        return mc.take_samples(eps_diag, idx)
-      return mc.normal_per_sample(key_diag, idx, batch, n, share)
+  def _sample_fn(self, h: Layers, draws: Draws) -> mc.SampleFn:
+    """The sample function idx [C] -> u [B, C, K] of this head's noise model."""
+    cd = self.compute_dtype
+    if not self._latent_noise:
+      return het_samples(h.mu, h.scales, draws, cd)
+    if self.diag_noise == 'rank1':
+      return hetxl_rank1_samples(h.mu, h.w, h.scales, draws, cd)
+    return hetxl_samples(h.mu, h.w, h.scales, draws, cd)
 
-    if mode == 'noise':
-      idx = jnp.arange(num_samples)
-      return {'eps_r': eps_r, 'eps_diag': jnp.broadcast_to(
-          diag_noise(idx), (batch, num_samples, 1 if rank1 else n))}
-
-    def low_rank(idx):       # V eps_R (+ PE mean), [B, C, n]
-      return low_rank_noise(scales, mc.take_samples(eps_r, idx), cd)
-
-    if not latent:
-      def sample_fn(idx):
-        u = mu[:, None, :] + d[:, None, :] * diag_noise(idx)
-        return u + low_rank(idx) if R else u
-    elif not rank1:
-      def sample_fn(idx):
-        eps = d[:, None, :] * diag_noise(idx)
-        if R:
-          eps = eps + low_rank(idx)
-        return mu[:, None, :] + _mm('bcd,dk->bck', eps, w, cd)
-    else:
-      # Exact factorised rank-1 path: u_s = mu + (W^T V') eps_R,s + (W^T d') z_s.
-      mu_eff, c = mu, _mm('bd,dk->bk', d, w, cd)
-      if R and self.parameter_efficient:
-        mu_eff = mu + _mm('bd,dk->bk', hom_b * v, w, cd)
-        factors = hom_k[None] * v[:, None, :]                                      # [B, R, D]
-      elif R:
-        factors = jnp.swapaxes(scale, 1, 2)                                        # [B, R, D]
-      if R:   # [B, R, K]; (the [B, R, .] layout also avoids a bf16 dot XLA:CPU lacks)
-        a = _mm('brd,dk->brk', factors, w, cd)
-
-      def sample_fn(idx):
-        u = mu_eff[:, None, :] + c[:, None, :] * diag_noise(idx)
-        return u + _mm('brk,bcr->bck', a, mc.take_samples(eps_r, idx), cd) if R else u
-
-    if mode == 'samples':
-      return sample_fn(jnp.arange(num_samples))
-
-    if self.link == 'softmax':
-      log_fn = lambda u: (jax.nn.log_softmax(u / tau, axis=-1),)
-    else:
-      log_fn = lambda u: (jax.nn.log_sigmoid(u / tau), jax.nn.log_sigmoid(-u / tau))
-    log_p, *rest = mc.mc_log_mean_exp(sample_fn, log_fn, num_samples, self.mc_chunk_size)
-
-    if self.link == 'softmax':
-      logits = (jnp.log(jnp.clip(jnp.exp(log_p), CLIP_EPS)) if self.clip_probs_parity
-                else log_p)
-      loss = None if labels is None else link_loss('softmax', logits, labels,
-                                                   self.label_smoothing)
-      return HeadOutput(logits, loss)
-
-    (log_1mp,) = rest
-    return self._sigmoid_output(log_p, log_1mp, labels)
-
-  def _marginals(self, mu, w, d, hom_k, hom_b, v, scale):
+  def _marginals(self, h: Layers) -> Tuple[jax.Array, jax.Array]:
     """Mean and variance [B, K] of each pre-temperature logit u_k (closed form, no samples).
 
     HET: var = ||V_k||^2 + d_k^2 (full) or v_k^2 ||J_k||^2 + d_k^2 (PE, mean + b_J v); either
@@ -337,29 +387,32 @@ class _HeteroscedasticHead(nn.Module):
     ||V'^T w_k||^2 term goes through (V'^T W) [B, R, K], never a [B, D, D] covariance: cost
     B*K*D*(R+1) multiply-adds in `compute_dtype`, f32 accumulation.
     """
-    cd = self.compute_dtype
+    cd, s, w = self.compute_dtype, h.scales, h.w
     if not self._latent_noise:
-      mean, var = mu, d * d
-      if v is not None:
-        mean = mean + hom_b * v
-        var = var + v * v * jnp.sum(hom_k * hom_k, axis=0)
-      elif scale is not None:
-        var = var + jnp.sum(scale * scale, axis=-1)
+      mean, var = h.mu, s.d * s.d
+      if s.v is not None:
+        mean = mean + s.hom_b * s.v
+        var = var + s.v * s.v * jnp.sum(s.hom_k * s.hom_k, axis=0)
+      elif s.scale is not None:
+        var = var + jnp.sum(s.scale * s.scale, axis=-1)
       return mean, var
-    mean = mu
     if self.diag_noise == 'rank1':
-      var = _mm('bd,dk->bk', d, w, cd) ** 2
+      var = _mm('bd,dk->bk', s.d, w, cd) ** 2
     else:
-      var = _mm('bd,dk->bk', d * d, w * w, cd)
-    if v is not None:
-      mean = mean + _mm('bd,dk->bk', hom_b * v, w, cd)
-      factors = hom_k[None] * v[:, None, :]                                        # [B, R, D]
-    elif scale is not None:
-      factors = jnp.swapaxes(scale, 1, 2)                                          # [B, R, D]
-    else:
+      var = _mm('bd,dk->bk', s.d * s.d, w * w, cd)
+    shift, factors = latent_factors(s)
+    mean = h.mu if shift is None else h.mu + _mm('bd,dk->bk', shift, w, cd)
+    if factors is None:
       return mean, var
     a = _mm('brd,dk->brk', factors, w, cd)                                         # [B, R, K]
     return mean, var + jnp.sum(a * a, axis=1)
+
+  def _softmax_output(self, log_p: jax.Array, labels: Optional[jax.Array]) -> HeadOutput:
+    """Softmax-link logits log p (or edward2's log clip(p, 1e-7) with `clip_probs_parity`)
+    and loss -log p_y (label-smoothed)."""
+    logits = jnp.log(jnp.clip(jnp.exp(log_p), CLIP_EPS)) if self.clip_probs_parity else log_p
+    loss = None if labels is None else link_loss('softmax', logits, labels, self.label_smoothing)
+    return HeadOutput(logits, loss)
 
   def _sigmoid_output(self, log_p: jax.Array, log_1mp: jax.Array,
                       labels: Optional[jax.Array]) -> HeadOutput:

@@ -33,9 +33,11 @@ import numpy as np
 
 from evaluation.collect import collect
 from evaluation.from_checkpoint import restore_checkpoint
+from heads.base import INTERMEDIATES
 from input_pipeline.sources import build_source
 from launch.distributed import initialize_distributed
 from llc import codebook_io, codes, retrieval
+from llc.heads import CLASS_CODES, CODES
 from training.experiment import Experiment
 from training.json_file import write_json
 
@@ -50,7 +52,7 @@ def collect_codes(exp: Experiment, variables: dict, source: Any = None) -> dict:
   processes."""
   def per_batch(m, images):
     logits = m(images, train=False).logits
-    sown = m.variables.get('intermediates', {}).get('head', {}).get('codes')
+    sown = m.variables.get(INTERMEDIATES, {}).get('head', {}).get(CODES)
     return {'codes': None if sown is None else sown[0], 'prediction': logits.argmax(-1),
             'msp': jax.nn.softmax(logits.astype(jnp.float32)).max(-1)}
   return collect(exp, variables, per_batch, source)
@@ -64,7 +66,7 @@ def phase2_class_bits(config: ml_collections.ConfigDict, variables: dict,
     source = codebook_io.codebook_path(phase1_workdir)
     return (codebook_io.class_codes(source, config.dataset.num_classes,
                                     config.model.head_kwargs.bits) > 0, source)
-  codes_pm1 = jax.device_get(variables['batch_stats']['head']['class_codes'])
+  codes_pm1 = jax.device_get(variables['batch_stats']['head'][CLASS_CODES])
   return np.asarray(codes_pm1) > 0, 'checkpoint (batch_stats/head/class_codes)'
 
 

@@ -31,10 +31,13 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from heads.base import HeadOutput, class_sharded, softmax_cross_entropy
+from heads.base import INTERMEDIATES, Head, HeadOutput, class_sharded, softmax_cross_entropy
 from llc import codebook_io
 from llc.codes import straight_through_sign
 
+
+CODES = 'codes'               # sown: the real projection output, intermediates/head/codes
+CLASS_CODES = 'class_codes'   # phase 2's fixed +-1 class codes, batch_stats/head/class_codes
 
 LLC_SINGLE_LABEL = (
     'LLC learns one binary code per class and decodes each image to exactly one class code '
@@ -74,7 +77,7 @@ def _no_match(module: nn.Module, x: jax.Array, class_bits: jax.Array) -> dict:
                                                 class_bits)}
 
 
-class CodebookHead(nn.Module):
+class CodebookHead(Head):
   """Phase 1: logits = z @ sign(C)^T with a learnt real codebook C [L, k] (straight-through).
 
   `codebook_init`: '' for N(0, 2/k), or a .npy [L, k] of real values (kept as they are) or
@@ -85,6 +88,7 @@ class CodebookHead(nn.Module):
   label_smoothing: float = 0.1
   codebook_init: str = ''
   link = 'softmax'
+  sows = {INTERMEDIATES: (CODES,)}
   label_sets_unsupported = LLC_SINGLE_LABEL
   resolve_kwargs = _resolver('codebook_init')
 
@@ -107,7 +111,7 @@ class CodebookHead(nn.Module):
     codebook = self.param('codebook', class_sharded(self._codebook_initializer(), class_axis=0),
                           (self.num_classes, self.bits), jnp.float32)
     logits = z @ straight_through_sign(codebook).T
-    self.sow('intermediates', 'codes', z)
+    self.sow(INTERMEDIATES, CODES, z)
     loss = None if labels is None else softmax_cross_entropy(logits, labels,
                                                              self.label_smoothing)
     return HeadOutput(logits, loss)
@@ -119,7 +123,7 @@ class CodebookHead(nn.Module):
     return _no_match(self, x, nn.meta.unbox(self.variables['params']['codebook']) > 0)
 
 
-class InstanceCodeHead(nn.Module):
+class InstanceCodeHead(Head):
   """Phase 2: per-bit logits o [B, k] trained with BCE towards the fixed class code of the label.
 
   `codebook`: the .npy [L, k] whose signs are the class codes (phase 1's exported `codebook.npy`
@@ -129,6 +133,8 @@ class InstanceCodeHead(nn.Module):
   bits: int = 20
   codebook: str = ''
   link = 'softmax'
+  sows = {INTERMEDIATES: (CODES,)}
+  fixed_variables = {'batch_stats': (CLASS_CODES,)}
   label_sets_unsupported = LLC_SINGLE_LABEL
   resolve_kwargs = _resolver('codebook')
 
@@ -136,7 +142,7 @@ class InstanceCodeHead(nn.Module):
     def from_file():
       codes = codebook_io.class_codes(self.codebook, self.num_classes, self.bits)
       return nn.Partitioned(jnp.asarray(codes), names=('model', None))
-    return self.variable('batch_stats', 'class_codes', from_file).value
+    return self.variable('batch_stats', CLASS_CODES, from_file).value
 
   @nn.compact
   def __call__(self, x: jax.Array, labels: Optional[jax.Array] = None, *,
@@ -145,7 +151,7 @@ class InstanceCodeHead(nn.Module):
     o = nn.Dense(self.bits, use_bias=False, name='projection')(x).astype(jnp.float32)
     targets = (self._class_codes() + 1.0) / 2.0          # T in {0, 1}, [L, k]
     logits = o @ targets.T
-    self.sow('intermediates', 'codes', o)
+    self.sow(INTERMEDIATES, CODES, o)
     loss = None
     if labels is not None:
       loss = jnp.mean(optax.sigmoid_binary_cross_entropy(o, targets[labels]), axis=-1)
@@ -155,4 +161,4 @@ class InstanceCodeHead(nn.Module):
     """'llc_no_match' [B]: Hamming distance from the instance code (o >= 0) to the nearest
     fixed class code (`nearest_code_distance`; > 0 = no class code matches, llc.ood's flag)."""
     del logits
-    return _no_match(self, x, nn.meta.unbox(self.variables['batch_stats']['class_codes']) > 0)
+    return _no_match(self, x, nn.meta.unbox(self.variables['batch_stats'][CLASS_CODES]) > 0)

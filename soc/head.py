@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from heads.base import HeadOutput, class_sharded, softmax_cross_entropy
+from heads.base import Head, HeadOutput, class_sharded, softmax_cross_entropy
 
 CLASS_BLOCK = 1024   # class-mean rows per block of the class term
 
@@ -53,7 +53,7 @@ def softmax_entropy(logits: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-class SOCHead(nn.Module):
+class SOCHead(Head):
   num_classes: int
   dims: int = 10
   learn_scale: bool = False

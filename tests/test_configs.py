@@ -93,7 +93,8 @@ def test_config_arguments_arrive_typed():
   assert (c.model.head, c.train.epochs, c.model.backbone_kwargs.width) == ('softmax', 10.0, 0.5)
   c = load_config('compare_heads.py', 'dataset=cifar10,head=det,epochs=10,width=0.125,'
                   'noise=0.0,noise_kind=symmetric')
-  assert (c.train.epochs, c.model.backbone_kwargs.width, c.dataset.label_noise) == (10.0, 0.125, 0.0)
+  assert (c.train.epochs, c.model.backbone_kwargs.width, c.dataset.label_noise) == (
+      10.0, 0.125, 0.0)
   assert load_config('contrastive_caltech.py', 'batch=64,size=32').input.image_size == 32
   with pytest.raises(ValueError, match="'epochs=ten' in 'det,epochs=ten': epochs must be float"):
     load_config('mosaic.py', 'det,epochs=ten')

@@ -168,7 +168,7 @@ def test_multilabel_eval_equals_numpy_on_the_same_checkpoint(tmp_path):
   images = np.stack([e['image'] for e in examples])
   labels = np.stack([e['label'] for e in examples])
   out = exp.model.apply(jax.device_get(variables), images, train=False,
-                        rngs=step_rngs(jax.random.key(EVAL_SEED), 0))
+                        rngs=step_rngs(jax.random.key(EVAL_SEED), 0, exp.model.head))
   logits = np.asarray(out.logits, np.float64)
   p = 1 / (1 + np.exp(-logits))
   y = _numpy_multi_hot(labels)

@@ -122,7 +122,7 @@ def test_det_has_no_own_score():
 @pytest.mark.parametrize('spec, message', [
     ('heldout', 'holds out no classes'), ('caltech101', "use 'heldout' or NAME=DIR")])
 def test_bad_ood_spec_is_one_clear_error(spec, message):
-  from configs import base
-  config = base.base_config()
+  from configs import schema
+  config = schema.base_config()
   with pytest.raises(ValueError, match=message):
     ood.ood_dataset(config, spec)

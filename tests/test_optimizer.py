@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs.base import base_config
+from configs.schema import base_config
 from training.optimizer import build_optimizer, param_multipliers, param_paths
 
 LR, WD, EPS = 0.1, 0.01, 1e-8  # EPS: optax's adam default

@@ -462,7 +462,7 @@ def test_train_and_eval_on_a_prepared_multilabel_folder(tmp_path):
   variables = ckpt.restore_variables(ckpt.latest_step(), exp.abstract_restore_target())
   images = np.stack([_rgb(files[n]) for n in names[20:]])   # decoded here, not by the pipeline
   out = exp.model.apply(jax.device_get(variables), images, train=False,
-                        rngs=step_rngs(jax.random.key(EVAL_SEED), 0))
+                        rngs=step_rngs(jax.random.key(EVAL_SEED), 0, exp.model.head))
   logits = np.asarray(out.logits, np.float64)
   y = np.zeros((10, 3))
   for i, s in enumerate(test_sets):

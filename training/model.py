@@ -7,11 +7,10 @@ import ml_collections
 from flax import linen as nn
 
 from backbones.registry import build_backbone
-from heads.base import HeadOutput
+from heads.base import Head, HeadOutput
 from heads.registry import build_head
 
-# Every rng stream a module may ask for; each gets its own key per step.
-RNG_STREAMS = ('dropout', 'diag_noise_samples', 'standard_norm_noise_samples', 'captions')
+BACKBONE_RNG_STREAMS = ('dropout',)   # nn.Dropout (ViT); heads declare theirs (`heads.base.Head`)
 
 
 class Classifier(nn.Module):
@@ -30,7 +29,7 @@ class Classifier(nn.Module):
                train: bool = False, mask: Optional[jax.Array] = None) -> HeadOutput:
     """`mask` [B] (1 = real example) goes to heads whose loss couples the examples of a
     batch (`in_batch_loss`, e.g. contrastive); per-example losses are masked by the trainer."""
-    extra = {'mask': mask} if getattr(self.head, 'in_batch_loss', False) else {}
+    extra = {'mask': mask} if self.head.in_batch_loss else {}
     return self.head(self.features(images, train=train), labels, train=train, **extra)
 
 
@@ -41,7 +40,7 @@ def build_model(config: ml_collections.ConfigDict) -> Classifier:
   backbone = build_backbone(m.backbone, dtype=dtype, **m.backbone_kwargs.to_dict())
   head = build_head(m.head, config.dataset.num_classes, dataset=config.dataset,
                     **m.head_kwargs.to_dict())
-  why_not = getattr(head, 'label_sets_unsupported', None)
+  why_not = head.label_sets_unsupported
   if config.dataset.multi_label and why_not:
     raise ValueError(f'model.head={m.head!r} cannot train on multi-label data '
                      f'(dataset.multi_label=True): {why_not} Use a softmax/sigmoid, HET or '
@@ -49,7 +48,15 @@ def build_model(config: ml_collections.ConfigDict) -> Classifier:
   return Classifier(backbone, head, tuple(config.input.mean), tuple(config.input.std))
 
 
-def step_rngs(key: jax.Array, step: jax.Array) -> dict:
-  """The per-step rngs: fold_in(seed key, step), so a resumed run draws the same noise."""
+def rng_streams(head: Head) -> tuple[str, ...]:
+  """Every rng stream a classifier with `head` draws (besides 'params'): the backbone's, then
+  the head's own (`Head.rng_streams`)."""
+  return BACKBONE_RNG_STREAMS + tuple(s for s in head.rng_streams
+                                      if s not in BACKBONE_RNG_STREAMS)
+
+
+def step_rngs(key: jax.Array, step: jax.Array, head: Head) -> dict:
+  """{stream: key} for every stream of `rng_streams(head)`: stream i of step t gets
+  fold_in(fold_in(key, t), i), so a resumed run draws the same noise."""
   key = jax.random.fold_in(key, step)
-  return {name: jax.random.fold_in(key, i) for i, name in enumerate(RNG_STREAMS)}
+  return {name: jax.random.fold_in(key, i) for i, name in enumerate(rng_streams(head))}

@@ -9,6 +9,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from training.mesh import fit_spec
+from training.model import rng_streams
 
 
 @flax.struct.dataclass
@@ -21,8 +22,7 @@ class TrainState:
 
 def _init_variables(model: nn.Module, image_shape: tuple, key: jax.Array) -> dict:
   images = jnp.zeros((2, *image_shape), jnp.uint8)
-  rngs = {'params': key, 'dropout': key, 'diag_noise_samples': key,
-          'standard_norm_noise_samples': key}
+  rngs = dict.fromkeys(('params', *rng_streams(model.head)), key)
   variables = model.init(rngs, images, train=False)
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from heads.base import has_label, top1_correct
+from heads.base import METRICS, has_label, top1_correct
 from training.experiment import Experiment
 from training.mesh import batch_sharding
 from training.model import step_rngs
@@ -26,20 +26,20 @@ def make_train_step(exp: Experiment):
   batch: as `Experiment.abstract_batch`. metrics (replicated scalars): 'loss' (mean over real
   examples), 'accuracy' (top-1; prec@1 for label sets), 'grad_norm', 'learning_rate' (of this
   step), 'params_finite' (bool: every updated parameter finite) and the heads' own
-  (`head_metrics`). Noise: `step_rngs(key(config.seed), state.step)`, so a resumed run draws the
-  same.
+  (`head_metrics`). Noise: `step_rngs(key(config.seed), state.step, head)`, so a resumed run
+  draws the same.
   """
   model, tx, schedule = exp.model, exp.tx, exp.schedule
   seed_key = jax.random.key(exp.config.seed)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    rngs = step_rngs(seed_key, state.step)
+    rngs = step_rngs(seed_key, state.step, model.head)
     mask = batch['mask']
 
     def loss_fn(params):
       out, mutated = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, batch['image'], batch['label'],
-          train=True, mask=mask, rngs=rngs, mutable=['batch_stats', 'head_metrics'])
+          train=True, mask=mask, rngs=rngs, mutable=['batch_stats', METRICS])
       loss = jnp.sum(out.loss * mask) / jnp.maximum(jnp.sum(mask), 1.0)
       return loss, (out.logits, mutated)
 
@@ -55,7 +55,7 @@ def make_train_step(exp: Experiment):
                'learning_rate': schedule(state.step),
                'params_finite': jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
                                                    for p in jax.tree.leaves(params)])),
-               **head_metrics(mutated.get('head_metrics', {}))}
+               **head_metrics(mutated.get(METRICS, {}))}
     new_state = TrainState(state.step + 1, params, mutated.get('batch_stats', state.batch_stats),
                            opt_state)
     return new_state, metrics
