@@ -6,6 +6,8 @@ import socket
 import jax
 import ml_collections
 
+from training.json_file import write_json
+
 
 CONFIG_FILE = 'config.json'
 
@@ -51,10 +53,7 @@ class WorkdirLock:
             f'{os.path.dirname(self.path)} is in use by pid {owner.get("pid")} on '
             f'{owner.get("host")}; wait for it, use another --workdir, or delete {self.path} '
             'if that run is gone.')
-    tmp = f'{self.path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(me, f)
-    os.replace(tmp, self.path)
+    write_json(self.path, me)
     self._held = True
 
   def release(self) -> None:
