@@ -89,7 +89,7 @@ def _progress(step: int, num_steps: int, metrics: dict, steps_per_sec: float,
               batch_size: int) -> str:
   """One line: step, every metric of the step (loss first), speed, ETA."""
   eta = time.strftime('%H:%M:%S', time.gmtime((num_steps - step) / max(steps_per_sec, 1e-9)))
-  values = ''.join(f' | {k} {v:.4f}' for k, v in metrics.items())
+  values = ''.join(f' | {k} {v:.4g}' for k, v in metrics.items())   # 4 significant digits
   return (f'step {step}/{num_steps}{values} | {steps_per_sec:.2f} steps/s | '
           f'{steps_per_sec * batch_size:.0f} img/s | ETA {eta}')
 

@@ -62,8 +62,9 @@ def test_a_non_finite_step_names_itself_and_the_last_checkpoint(loss, finite, wh
 
 
 def test_progress_line_shows_every_metric():
-  line = _progress(5, 10, {'loss': 1.5, 'accuracy': 0.25, 'head/t/temperature': 0.75}, 2.0, 8)
-  assert line == ('step 5/10 | loss 1.5000 | accuracy 0.2500 | head/t/temperature 0.7500 | '
+  line = _progress(5, 10, {'loss': 1.5, 'learning_rate': 3e-5, 'head/t/temperature': 0.75},
+                   2.0, 8)
+  assert line == ('step 5/10 | loss 1.5 | learning_rate 3e-05 | head/t/temperature 0.75 | '
                   '2.00 steps/s | 16 img/s | ETA 00:00:02')
 
 
