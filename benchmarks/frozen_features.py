@@ -212,7 +212,8 @@ def train_all(a: types.SimpleNamespace) -> list:
           labels = noisy_train_labels(data, rate, kind, seed, reference)
           r = train_head(data, labels, head, seed, a)
           r.update(head=head, noise=rate, kind=kind, seed=seed, seconds=time.time() - t0,
-                   tag=a.tag, overrides=list(a.set),
+                   tag=a.tag, overrides=list(a.set), factors=a.factors, samples=a.samples,
+                   epochs=a.epochs, batch=a.batch, lr=a.lr,
                    realised_noise=float(np.mean(labels != data['train_labels'])))
           runs.append(r)
           records.append(r)
