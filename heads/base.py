@@ -74,8 +74,10 @@ class Head(nn.Module):
 
   def ood_scores(self, x: jax.Array, logits: jax.Array) -> Dict[str, jax.Array]:
     """The head's own OOD scores {name: [B] float32} (higher = more likely OOD) of features
-    x [B, D] and the head's eval logits [B, K]; {} for none."""
-    raise NotImplementedError(f'{type(self).__name__} must define ood_scores (may return {{}})')
+    x [B, D] and the head's eval logits [B, K]. None by default (DET, contrastive): the
+    head's OOD scores are then those of its logits (`evaluation.ood`)."""
+    del x, logits
+    return {}
 
   def noise_key(self, stream: str, train: bool) -> jax.Array:
     """The key of rng `stream` (one of `rng_streams`). Without that stream: a ValueError when

@@ -38,8 +38,3 @@ class SoftmaxHead(Head):
       logits = logits / self.temperature
     loss = None if labels is None else link_loss(self.link, logits, labels, self.label_smoothing)
     return HeadOutput(logits, loss)
-
-  def ood_scores(self, x: jax.Array, logits: jax.Array) -> dict:
-    """None of its own: DET's OOD scores are those of its logits (`evaluation.ood`)."""
-    del x, logits
-    return {}

@@ -54,7 +54,8 @@ functions idx -> u_s above; `mc_softmax_log_probs` and `mc_sigmoid_log_probs` th
 estimators (`_marginals` + `hetxl.quadrature` the sigmoid link's closed form).
 
 Eval (`train=False`) uses `eval_mc_samples`; without the noise rngs it uses a fixed key
-(`heads.base.Head.noise_key`), so repeated evals agree. `return_locs=True` returns mu (not divided by tau) and no MC is run.
+(`heads.base.Head.noise_key`), so repeated evals agree. `return_locs=True` returns mu (not
+divided by tau) and no MC is run.
 """
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
