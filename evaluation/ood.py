@@ -48,7 +48,7 @@ def all_scores(module, images: jax.Array) -> dict:
   """Every OOD score of the bound Classifier `module` on uint8 images (for `collect`)."""
   features = module.features(images, train=False)
   logits = module.head(features, train=False).logits
-  return {**logit_scores(getattr(module.head, 'link', 'softmax'), logits),
+  return {**logit_scores(module.head.link, logits),
           **module.head.ood_scores(features, logits)}
 
 
