@@ -12,7 +12,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from training.resolve import ConfigError, resolve
-from input_pipeline.pipeline import eval_dataset
+from input_pipeline.pipeline import eval_dataset, preprocess
 from input_pipeline.sources import DatasetInfo, Subset, build_source
 from training.mesh import batch_sharding, build_mesh
 from training.model import build_model
@@ -46,8 +46,8 @@ class Experiment:
     not divide over the data axis.
     """
     resolve(config, with_data=with_data or config_image_shape(config) is None)
-    image_shape = config_image_shape(config)
-    if image_shape is None:
+    image_shape = config_image_shape(config) or (with_data and first_eval_image_shape(config))
+    if not image_shape:
       raise ConfigError('the image shape is unknown (stored images of several or non-square '
                         'sizes): set --config.input.image_size=N to resize them to N x N')
     mesh = build_mesh(config.mesh.axes, config.mesh.shape, devices)
@@ -113,6 +113,15 @@ class Experiment:
     """The state as ShapeDtypeStructs carrying their shardings (restore target; AOT lowering)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self.abstract_state, self.shardings)
+
+
+def first_eval_image_shape(config: ml_collections.ConfigDict) -> tuple:
+  """(H, W, C) of eval example 0 after eval preprocessing: the image shape of a source whose
+  metadata does not fix it (a tfds image feature of shape (None, None, C)), read from the data."""
+  source, _ = build_source(config.dataset, config.dataset.eval_split, config.seed, train=False)
+  first = preprocess(source[0], None, eval_mode=config.input.eval_preprocess,
+                     image_size=config.input.image_size, channels=config.dataset.channels)
+  return tuple(np.shape(first['image']))
 
 
 def config_image_shape(config: ml_collections.ConfigDict) -> Optional[tuple]:
