@@ -1,6 +1,7 @@
 """A model is built, its train step compiled and a checkpoint restored without the data on disk:
 the image shape comes from the config (`config_image_shape`), and no data source is opened."""
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -20,6 +21,7 @@ def test_build_compile_and_restore_without_the_data(tmp_path, monkeypatch):
   missing = tmp_path / 'cifar10'          # the directory the config names does not exist
   c = resolved_config('compare_heads.py', 'dataset=cifar10,runlocal',
                       **{'dataset.data_dir': str(missing), 'dataset.image_size': 32})
+  c.model.backbone, c.model.backbone_kwargs = 'convnet', ml_collections.ConfigDict()  # fast
   for name in ('build_source', 'dataset_facts'):
     monkeypatch.setattr(sources, name, _no_data)
   monkeypatch.setattr('training.experiment.build_source', _no_data)
