@@ -89,8 +89,8 @@ def test_parse_arg_rejects_unknown_keys_and_bad_values(arg, message):
 
 
 def test_config_arguments_arrive_typed():
-  c = load_config('mosaic.py', 'det,epochs=10,width=0.5')
-  assert (c.model.head, c.train.epochs, c.model.backbone_kwargs.width) == ('softmax', 10.0, 0.5)
+  c = load_config('mosaic.py', 'det,epochs=12,width=0.5')   # both differ from the defaults
+  assert (c.model.head, c.train.epochs, c.model.backbone_kwargs.width) == ('softmax', 12.0, 0.5)
   c = load_config('compare_heads.py', 'dataset=cifar10,head=det,epochs=10,width=0.125,'
                   'noise=0.0,noise_kind=symmetric')
   assert (c.train.epochs, c.model.backbone_kwargs.width, c.dataset.label_noise) == (
