@@ -132,7 +132,7 @@ def train_head(data: dict, labels: np.ndarray, head: str, seed: int,
   """Trains one head on the train features with `labels`; evaluates on the clean test split."""
   from evaluation.calibration import bin_statistics, expected_calibration_error
   from evaluation.evaluator import EVAL_SEED
-  from heads.base import probabilities
+  from heads.base import METRICS, probabilities
   from heads.registry import build_head
   from training.model import step_rngs
   from training.optimizer import build_optimizer
@@ -153,7 +153,7 @@ def train_head(data: dict, labels: np.ndarray, head: str, seed: int,
   def step(params, opt_state, i, xb, yb):
     def loss_fn(p):
       out, aux = model.apply({'params': p}, xb, yb, train=True, rngs=step_rngs(key, i, model),
-                             mutable=['head_metrics'])
+                             mutable=[METRICS])
       return jnp.mean(out.loss), aux
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -174,7 +174,7 @@ def train_head(data: dict, labels: np.ndarray, head: str, seed: int,
     for idx in perm:
       params, opt_state, loss, aux = step(params, opt_state, i, x[idx], y[idx])
       i += 1
-    tau = jax.tree.leaves(aux.get('head_metrics', {}))
+    tau = jax.tree.leaves(aux.get(METRICS, {}))
     taus.append(float(tau[0]) if tau else None)
   probs = np.concatenate([np.asarray(predict(params, jnp.asarray(data['test_features'][s:s + 1000])))
                           for s in range(0, len(data['test_labels']), 1000)])

@@ -51,12 +51,15 @@ class StepMetrics:
 
   def __init__(self, writer: MetricWriter, log_every: int):
     self._writer, self._log_every = writer, log_every
-    self._pending = None        # (step, device metrics) not yet read
+    self._pending = None        # (step, device metrics) not yet written
+    self._read = (None, None)   # (step, host metrics) of the last read: never read twice
     self.last_saved: Optional[int] = None   # named by the NaN error
 
   def read(self, step: int, metrics: dict) -> dict:
     """`step`'s metrics as host floats, 'params_finite' removed. Raises FloatingPointError
     naming the step, the last finite one and the last checkpoint on a NaN/inf loss or update."""
+    if self._read[0] == step:
+      return self._read[1]
     metrics = jax.device_get(metrics)
     params_finite = bool(metrics.pop('params_finite'))
     loss = metrics['loss']
@@ -65,7 +68,8 @@ class StepMetrics:
       raise FloatingPointError(
           f'non-finite {what} at step {step} (steps up to {step - 1} were finite); stopped '
           f'without saving it. Last good checkpoint: step {self.last_saved}.')
-    return {k: float(v) for k, v in metrics.items()}
+    self._read = (step, {k: float(v) for k, v in metrics.items()})
+    return self._read[1]
 
   def add(self, step: int, metrics: dict) -> None:
     """Queues `step`'s metrics; reads, checks and (when due) writes the previous step's."""
