@@ -96,6 +96,10 @@ def test_config_arguments_arrive_typed():
   assert (c.train.epochs, c.model.backbone_kwargs.width, c.dataset.label_noise) == (
       10.0, 0.125, 0.0)
   assert load_config('contrastive_caltech.py', 'batch=64,size=32').input.image_size == 32
+  assert load_config('compare_heads.py', 'head=hetxl,tau_lr=10').optimizer.lr_mults == (
+      ('.*temperature.*', 10.0),)
+  with pytest.raises(ValueError, match='tau_lr= applies to head=het or hetxl only'):
+    load_config('compare_heads.py', 'head=det,tau_lr=10')
   with pytest.raises(ValueError, match="'epochs=ten' in 'det,epochs=ten': epochs must be float"):
     load_config('mosaic.py', 'det,epochs=ten')
 
