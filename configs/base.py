@@ -6,8 +6,12 @@ these: `parse_arg` types the variants after the colon (`configs/x.py:det,runloca
 (`small_image_recipe`, `vit_pretraining`, `prepared_dataset`, `hold_out_classes`, ...) and head
 setters (`hetxl_head`, `det_head`, `comparison_head`) set groups of fields.
 """
-import ml_collections
+import dataclasses
 
+import ml_collections
+import numpy as np
+
+from heads.registry import head_class
 from training.resolve import split_classes
 
 ConfigDict = ml_collections.ConfigDict
@@ -146,25 +150,36 @@ def hold_out_classes(c: ConfigDict, fraction: float, seed: int = 0) -> ConfigDic
   return c
 
 
-def hetxl_head(c: ConfigDict, *, kind: str = 'hetxl', num_factors: int, link: str = 'softmax',
-               parameter_efficient: bool = False, train_samples: int = 1000,
-               eval_samples: int = 1000, chunk: int = 128, temperature: float = 1.0,
-               learn_temperature: bool = True, bounds: tuple = (0.05, 5.0),
-               bias_init: float = 0.0, mc_method: str = 'mc',
-               quadrature_nodes: int = 32) -> ConfigDict:
-  """Sets a HET ('het') or HET-XL ('hetxl') head with every option it has.
+# The options a HET / HET-XL config lists in `model.head_kwargs`, so that each one can be set
+# with --config.model.head_kwargs.X, even on a locked config (hetxl.heads._HeteroscedasticHead).
+HETEROSCEDASTIC_OPTIONS = (
+    'num_factors', 'link', 'parameter_efficient', 'train_mc_samples', 'eval_mc_samples',
+    'mc_chunk_size', 'temperature', 'learn_temperature', 'temperature_bounds', 'head_bias_init',
+    'diag_noise', 'share_samples_across_batch', 'compute_dtype', 'mc_method', 'quadrature_nodes')
+# The published HET-XL configs' temperature: learnt on the training loss in [0.05, 5.0]
+# (the layer's own default is a fixed tau = 1 with bounds 0.3 / 3.0; spec hetxl.md).
+LEARNT_TEMPERATURE = dict(learn_temperature=True, temperature_bounds=(0.05, 5.0))
 
+
+def hetxl_head(c: ConfigDict, kind: str = 'hetxl', **options) -> ConfigDict:
+  """Sets a HET ('het') or HET-XL ('hetxl') head. `model.head_kwargs` lists every option in
+  `HETEROSCEDASTIC_OPTIONS` at the head class's own default, then `options` (head_kwargs
+  names, `num_factors` required): a recipe states only what it changes, e.g.
+  `hetxl_head(c, num_factors=6, train_mc_samples=100, **LEARNT_TEMPERATURE)`.
   `mc_method='quadrature'` (sigmoid link only) replaces the S-sample MC estimate by its exact
-  S -> infinity limit (hetxl.quadrature); `--config.model.head_kwargs.mc_method=quadrature`.
+  S -> infinity limit (hetxl.quadrature). Raises ValueError for an option not listed.
   """
+  unknown = sorted(set(options) - set(HETEROSCEDASTIC_OPTIONS))
+  if unknown or 'num_factors' not in options:
+    raise ValueError(f'hetxl_head takes num_factors and options among '
+                     f'{HETEROSCEDASTIC_OPTIONS}; got unknown {unknown}')
+  defaults = {f.name: f.default for f in dataclasses.fields(head_class(kind))
+              if f.name in HETEROSCEDASTIC_OPTIONS and f.name != 'num_factors'}
+  defaults['compute_dtype'] = np.dtype(defaults['compute_dtype']).name
+  kwargs = {**defaults, **options}
+  kwargs['temperature_bounds'] = tuple(kwargs['temperature_bounds'])
   c.model.head = kind
-  c.model.head_kwargs = ConfigDict(dict(
-      num_factors=num_factors, link=link, parameter_efficient=parameter_efficient,
-      train_mc_samples=train_samples, eval_mc_samples=eval_samples, mc_chunk_size=chunk,
-      temperature=temperature, learn_temperature=learn_temperature,
-      temperature_bounds=tuple(bounds), head_bias_init=bias_init, diag_noise='independent',
-      share_samples_across_batch=False, compute_dtype='float32', mc_method=mc_method,
-      quadrature_nodes=quadrature_nodes))
+  c.model.head_kwargs = ConfigDict({k: kwargs[k] for k in HETEROSCEDASTIC_OPTIONS})
   return c
 
 
@@ -207,9 +222,9 @@ def comparison_head(c: ConfigDict, head: str, *, num_factors: int, train_samples
   if head == 'det':
     det_head(c)
   elif head in ('het', 'hetxl'):
-    hetxl_head(c, kind=head, num_factors=num_factors, train_samples=train_samples,
-               eval_samples=eval_samples, chunk=chunk, bounds=bounds,
-               parameter_efficient=parameter_efficient)
+    hetxl_head(c, head, num_factors=num_factors, train_mc_samples=train_samples,
+               eval_mc_samples=eval_samples, mc_chunk_size=chunk, learn_temperature=True,
+               temperature_bounds=bounds, parameter_efficient=parameter_efficient)
   elif head.startswith('soc') and (head[3:] == '' or head[3:].isdigit()):
     c.model.head = 'soc'
     c.model.head_kwargs.dims = int(head[3:] or 10)

@@ -39,8 +39,8 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   if args.det:
     base.det_head(c)
   else:
-    base.hetxl_head(c, kind='het', num_factors=15, train_samples=5000, eval_samples=5000,
-                    chunk=250, temperature=1.5, learn_temperature=False)
+    base.hetxl_head(c, 'het', num_factors=15, train_mc_samples=5000, eval_mc_samples=5000,
+                    mc_chunk_size=250, temperature=1.5)
   c.optimizer.name = 'sgd'
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = True

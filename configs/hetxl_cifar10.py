@@ -27,8 +27,8 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   if args.det:
     base.det_head(c)
   else:
-    base.hetxl_head(c, kind='het' if args.het else 'hetxl', num_factors=6,
-                    train_samples=100, eval_samples=1000, chunk=100)
+    base.hetxl_head(c, 'het' if args.het else 'hetxl', num_factors=6, train_mc_samples=100,
+                    mc_chunk_size=100, **base.LEARNT_TEMPERATURE)
   c.dataset.label_noise = args.noise
   c.dataset.label_noise_kind = args.noise_kind
   if args.runlocal:

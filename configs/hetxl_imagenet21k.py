@@ -37,8 +37,8 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
     base.det_head(c, link='sigmoid', bias_init=-10.0)
   else:
     base.hetxl_head(c, num_factors=50, link='sigmoid', parameter_efficient=True,
-                    chunk=100, bias_init=-10.0)
-    c.model.head_kwargs.compute_dtype = 'bfloat16'
+                    mc_chunk_size=100, head_bias_init=-10.0, compute_dtype='bfloat16',
+                    **base.LEARNT_TEMPERATURE)
   c.model.head_kwargs.label_smoothing = 1e-4
   c.train.eval_every = 10_000
   if args.runlocal:

@@ -58,9 +58,8 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
     base.det_head(c, link='sigmoid', bias_init=-10.0)
   else:
     base.hetxl_head(c, num_factors=50, link='sigmoid', parameter_efficient=True,
-                    train_samples=1000, eval_samples=1000, chunk=100, bounds=(0.05, 5.0),
-                    bias_init=-10.0)
-    c.model.head_kwargs.compute_dtype = 'bfloat16'
+                    mc_chunk_size=100, head_bias_init=-10.0, compute_dtype='bfloat16',
+                    **base.LEARNT_TEMPERATURE)
   c.train.eval_every = 20_000
   if args.runlocal:
     base.runlocal(c, stand_in=True)

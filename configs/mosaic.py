@@ -47,8 +47,8 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   if args.det:
     base.det_head(c, link='sigmoid')
   else:
-    base.hetxl_head(c, num_factors=6, link='sigmoid', train_samples=100, eval_samples=1000,
-                    chunk=100)
+    base.hetxl_head(c, num_factors=6, link='sigmoid', train_mc_samples=100, mc_chunk_size=100,
+                    **base.LEARNT_TEMPERATURE)
   if args.runlocal:
     base.runlocal(c)
   return c

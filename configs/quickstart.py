@@ -44,7 +44,8 @@ def _recipe(args: base.ConfigDict, num_steps: int, hetxl: bool = False) -> base.
   c.model.head = 'softmax'
   c.model.head_kwargs.learn_temperature = args.temperature
   if hetxl:
-    base.hetxl_head(c, num_factors=3, train_samples=32, eval_samples=100, chunk=32)
+    base.hetxl_head(c, num_factors=3, train_mc_samples=32, eval_mc_samples=100, mc_chunk_size=32,
+                    **base.LEARNT_TEMPERATURE)
   c.optimizer.name = 'adam'
   c.optimizer.learning_rate = 3e-3
   c.optimizer.warmup_steps = 50

@@ -119,3 +119,30 @@ def test_runlocal_shrinks_any_config_the_same_way():
   assert (jft.model.dtype, jft.model.head_kwargs.compute_dtype) == ('float32', 'float32')
   assert (jft.model.backbone_kwargs.width, jft.model.backbone_kwargs.depth) == (64, 1)
   assert load_config('hetxl_jft.py').model.dtype == 'bfloat16'
+
+
+# --- head setters (`configs.base.hetxl_head`) ---------------------------------------------------
+
+@pytest.mark.parametrize('kind', ['het', 'hetxl'])
+def test_hetxl_head_sets_only_what_differs_from_the_head_class(kind):
+  """Every option is listed (so a locked config accepts it) at the class's own default; the
+  options a recipe passes are the only values that differ."""
+  from configs import base, schema
+  from hetxl import heads
+  cls = {'het': heads.HETHead, 'hetxl': heads.HETXLHead}[kind]
+  c = base.hetxl_head(schema.base_config(), kind, num_factors=4, mc_chunk_size=7,
+                      **base.LEARNT_TEMPERATURE)
+  c.lock()
+  c.model.head_kwargs.quadrature_nodes = 9          # every option exists on a locked config
+  kwargs = c.model.head_kwargs.to_dict()
+  assert c.model.head == kind and sorted(kwargs) == sorted(base.HETEROSCEDASTIC_OPTIONS)
+  head = cls(num_classes=3, **kwargs)
+  given = dict(num_factors=4, mc_chunk_size=7, quadrature_nodes=9, learn_temperature=True,
+               temperature_bounds=(0.05, 5.0))
+  for name in base.HETEROSCEDASTIC_OPTIONS:
+    got, want = getattr(head, name), given.get(name, getattr(cls, name, None))
+    if name == 'compute_dtype':
+      got, want = jax.numpy.dtype(got), jax.numpy.dtype(want)
+    assert got == want, name
+  with pytest.raises(ValueError, match='unknown'):
+    base.hetxl_head(schema.base_config(), kind, num_factors=2, train_samples=10)  # old name
