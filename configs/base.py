@@ -183,6 +183,17 @@ def hetxl_head(c: ConfigDict, kind: str = 'hetxl', **options) -> ConfigDict:
   return c
 
 
+def sigmoid_pretraining_head(c: ConfigDict, det: bool) -> ConfigDict:
+  """The published HET-XL large-scale head (JFT-4B, ImageNet-21k): sigmoid link, bias init -10;
+  HET-XL parameter-efficient with R = 50 factors, S = 1000 samples in chunks of 100, bf16 MC
+  compute and a learnt temperature in [0.05, 5.0]; or (det) the deterministic sigmoid head."""
+  if det:
+    return det_head(c, link='sigmoid', bias_init=-10.0)
+  return hetxl_head(c, num_factors=50, link='sigmoid', parameter_efficient=True,
+                    mc_chunk_size=100, head_bias_init=-10.0, compute_dtype='bfloat16',
+                    **LEARNT_TEMPERATURE)
+
+
 def vit_pretraining(c: ConfigDict, *, backbone: str, num_classes: int, setup_hint: str,
                     learning_rate: float, num_steps: int) -> ConfigDict:
   """Large-scale ViT pre-training on a private / prepared ArrayRecord dataset (JFT, ImageNet-21k):

@@ -33,12 +33,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
       num_steps=90 * 13_000_000 // 4096,
       setup_hint=('Prepare ImageNet-21k with `python -m launch.prepare_data --source=folder '
                   '--input_dir=ROOT --out=DIR` and pass --config.dataset.data_dir=DIR.'))
-  if args.det:
-    base.det_head(c, link='sigmoid', bias_init=-10.0)
-  else:
-    base.hetxl_head(c, num_factors=50, link='sigmoid', parameter_efficient=True,
-                    mc_chunk_size=100, head_bias_init=-10.0, compute_dtype='bfloat16',
-                    **base.LEARNT_TEMPERATURE)
+  base.sigmoid_pretraining_head(c, args.det)
   c.model.head_kwargs.label_smoothing = 1e-4
   c.train.eval_every = 10_000
   if args.runlocal:

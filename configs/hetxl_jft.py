@@ -54,12 +54,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c.optimizer.schedule = 'linear'
   c.optimizer.end_learning_rate = 1e-5
   c.optimizer.decay_all = True   # parity: the published runs decay every parameter, tau included
-  if args.det:
-    base.det_head(c, link='sigmoid', bias_init=-10.0)
-  else:
-    base.hetxl_head(c, num_factors=50, link='sigmoid', parameter_efficient=True,
-                    mc_chunk_size=100, head_bias_init=-10.0, compute_dtype='bfloat16',
-                    **base.LEARNT_TEMPERATURE)
+  base.sigmoid_pretraining_head(c, args.det)
   c.train.eval_every = 20_000
   if args.runlocal:
     base.runlocal(c, stand_in=True)

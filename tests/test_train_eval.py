@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from evaluation.from_checkpoint import evaluate_checkpoint
-from tests.helpers import ROOT, last_json, load_config, run_main
+from tests.helpers import ROOT, last_json, load_config, override, run_main
 from training.checkpointing import Checkpointer
 from training.experiment import Experiment
 from launch.train import train_and_evaluate
@@ -22,13 +22,7 @@ def _config(steps=4, **overrides):
   c.train.checkpoint_every = 2
   c.train.log_every = 1
   c.train.async_checkpointing = False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 def _losses(workdir):
