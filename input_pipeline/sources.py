@@ -1,4 +1,5 @@
-"""Random-access data sources by config name. Every element is {'image', 'label'}.
+"""Random-access data sources by config name. Every element is {'image', 'label'}, plus
+'text' (str, the image's own text) from a captioned prepared dataset (`records` version 3).
 
 `image` is either a uint8 array [H, W, C] or encoded JPEG/PNG bytes (decoded later, inside the
 grain workers); `label` is an int in [0, K), or, for a multi-label dataset
@@ -184,7 +185,8 @@ class RecordSource:
 
   'label' is the record's class id (an int) when it has exactly one, else int32 [n]: all its
   class ids (n = 0 for an unlabelled image). `CheckedLabels` turns either into the form the
-  config asks for.
+  config asks for. A version-3 record also gives its 'text' (str); the pipeline turns it into
+  what the head reads (`input_pipeline.captions.TextInput`) or drops it.
   """
 
   def __init__(self, paths: Sequence[str], version: int):
@@ -196,9 +198,12 @@ class RecordSource:
     return len(self._records)
 
   def __getitem__(self, i: int) -> dict:
-    from input_pipeline.records import decode_record
-    labels, image = decode_record(self._records[i], self._version)
-    return {'image': image, 'label': int(labels[0]) if len(labels) == 1 else labels}
+    from input_pipeline.records import decode_record_text
+    labels, image, text = decode_record_text(self._records[i], self._version)
+    example = {'image': image, 'label': int(labels[0]) if len(labels) == 1 else labels}
+    if text is not None:
+      example['text'] = text
+    return example
 
 
 class TfdsSource:
