@@ -47,11 +47,21 @@ Multi-label sources (each image carries a set of 0, 1 or more classes; `multi_la
                 Quote a field holding a comma (Python's csv module, Excel dialect).
         .jsonl  (or .ndjson) one JSON object per line:
                   {"path": "photos/0001.jpg", "labels": ["cat", "dog"]}
-                other keys are ignored; a label may also be an integer class id (an index into
-                --class_names_file, which it then requires).
+                other keys are ignored (but "text", below); a label may also be an integer
+                class id (an index into --class_names_file, which it then requires).
       Blank lines are skipped; repeated labels on one line count once. --class_names_file (one
       name per line; id = its line number - 1) fixes the class list and its order; without it
       the classes are the sorted union of the names in all the labels files.
+      Texts (a captioned dataset, for image-text training: `hetxl.contrastive` trains on each
+      image's own text): a CSV whose header row is `path,labels,text` has a third field per
+      row, the image's text (quote it when it holds a comma, a quote or a line break); a JSONL
+      line gives it as "text": "a dog on a red sofa". Every image of every labels file then
+      needs a non-empty text (surrounding whitespace is stripped), stored as UTF-8 in its
+      record (`input_pipeline.records` format version 3; metadata.json `has_text: true`);
+      without texts the dataset is written exactly as before (format version 2). E.g.
+        path,labels,text
+        photos/0001.jpg,cat|dog,"a cat and a dog asleep, on a sofa"
+        photos/0002.jpg,,a street at night          <- no label, still a text
   tfds:NAME --tfds_data_dir=D    a TFDS dataset whose label feature is a
                                  Sequence(ClassLabel) (--label_key picks it; default 'label',
                                  then 'labels')
@@ -72,9 +82,11 @@ Bad labels input stops before anything is written, with one error listing every 
 20) by file:line: a malformed line (wrong field count, invalid JSON, an empty path or class
 name, an absolute path or one leaving ROOT), an image listed twice (both lines named, also
 across splits), a class name not in --class_names_file, a class id outside [0, K), a duplicate
-name in the class-names file. A listed image that is missing or does not decode is reported and
-skipped, like any undecodable image. Images with no label are kept and counted
-(`num_unlabelled` per split in metadata.json).
+name in the class-names file, a file that is not UTF-8 or lists no image (empty), and for texts:
+an image without a text (or an empty one, or one that is not a string) where others have
+texts, in the same file or in another split's file, or a text that is not valid Unicode. A
+listed image that is missing or does not decode is reported and skipped, like any undecodable
+image. Images with no label are kept and counted (`num_unlabelled` per split in metadata.json).
 
 Images are stored byte-for-byte as they come (never re-encoded; except TFDS images that are only
 available decoded, which become lossless PNG, and mosaics), after checking that each one
@@ -121,9 +133,10 @@ _MAX_SKIPPED_LISTED = 1000
 _TMP_PREFIX = '.prepare-tmp-'
 _SHARD_RE = re.compile(r'.+\.array_record-\d{5}-of-\d{5}$')
 
-# Reads one example: (label, encoded image); the label is an int (single-label sources) or a
-# sorted list of distinct class ids (multi-label sources; empty for an unlabelled image).
-Fetch = Callable[[], tuple[Any, bytes]]
+# Reads one example: (label, encoded image) or, from a captioned source, (label, encoded image,
+# text); the label is an int (single-label sources) or a sorted list of distinct class ids
+# (multi-label sources; empty for an unlabelled image).
+Fetch = Callable[[], tuple]
 _MAX_ERRORS = 20  # problems listed in one labels-file error
 
 
@@ -143,6 +156,7 @@ class _Source:
   encoding: str = 'original bytes'
   multi_label: bool = False
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # more metadata.json keys
+  has_text: bool = False  # every image has its own text (fetch returns it third)
 
 
 class LabelsFileError(ValueError):
@@ -222,9 +236,10 @@ def _slice_bytes(blob: np.ndarray, start: int, end: int, label: int) -> tuple[in
   return label, blob[start:end].tobytes()
 
 
-def _read_file(path: str, label: int) -> tuple[int, bytes]:
+def _read_file(path: str, label: Any, *text: str) -> tuple:
+  """(label, the file's bytes[, text]): `text` (a captioned source's) is passed through."""
   with open(path, 'rb') as f:
-    return label, f.read()
+    return (label, f.read(), *text)
 
 
 def _visible(root: str) -> list[str]:
@@ -430,10 +445,12 @@ def _decodes(data: Any) -> bool:
 
 @dataclasses.dataclass
 class _Listed:
-  """One image of a labels file: where it was listed, its path under ROOT, its labels."""
+  """One image of a labels file: where it was listed, its path under ROOT, its labels, and
+  its text (None: the file gives no texts)."""
   where: str          # 'file:line'
   path: str           # normalised, relative to ROOT
   labels: list[Any]   # class names (str) or class ids (int), as written
+  text: Optional[str] = None
 
 
 class _Problems:
@@ -502,33 +519,48 @@ def _read_class_names(path: str, problems: _Problems) -> list[str]:
   return [n.strip() for n in lines]
 
 
+_CSV_HEADERS = (['path', 'labels'], ['path', 'labels', 'text'])
+
+
 def _csv_rows(path: str, text: str, sep: str,
-              problems: _Problems) -> Iterator[tuple[int, str, list[str]]]:
-  """(line, image path, class names) of each row of a `path,labels` CSV file."""
+              problems: _Problems) -> Iterator[tuple[int, str, list[str], Any]]:
+  """(line, image path, class names, text or None) of each row of a `path,labels` CSV file, or
+  of a `path,labels,text` one (which the header row must announce); a row's line is the one
+  it starts on (a quoted text may span lines)."""
   reader = csv.reader(io.StringIO(text, newline=''), strict=True)
+  fields, end = 2, 0
   try:
     for row in reader:
-      line = reader.line_num
+      line, end = end + 1, reader.line_num
       if not any(c.strip() for c in row):
         continue
-      if line == 1 and [c.strip().lower() for c in row] == ['path', 'labels']:
+      if line == 1 and [c.strip().lower() for c in row] in _CSV_HEADERS:
+        fields = len(row)
         continue  # header
-      if len(row) != 2:
+      if len(row) != fields and fields == 3:
+        problems.add(f'{path}:{line}', f'expected 3 fields (path,labels,text), as the header '
+                     f'says, got {len(row)}: {row!r}; give every image its text (quote a field '
+                     'that holds a comma), and leave the labels field empty, not out, for an '
+                     'unlabelled image')
+        continue
+      if len(row) != fields:
         problems.add(f'{path}:{line}', f'expected 2 fields (path,labels), got {len(row)}: '
                      f'{row!r}; join the labels with {sep!r} in one field (quote a field that '
-                     'holds a comma), and end an unlabelled image\'s row with a comma')
+                     'holds a comma), and end an unlabelled image\'s row with a comma (a text '
+                     'column needs the header row path,labels,text)')
         continue
       field = row[1].strip()
       names = field.split() if sep.isspace() else [n.strip() for n in field.split(sep)]
-      yield line, row[0].strip(), names if field else []
+      yield line, row[0].strip(), names if field else [], row[2] if fields == 3 else None
   except csv.Error as e:
     problems.add(f'{path}:{reader.line_num}', f'malformed CSV ({e}); a quoted field must end '
                  'with its closing quote')
 
 
 def _jsonl_rows(path: str, text: str,
-                problems: _Problems) -> Iterator[tuple[int, str, list[Any]]]:
-  """(line, image path, labels) of each line {"path": ..., "labels": [...]} of a JSONL file."""
+                problems: _Problems) -> Iterator[tuple[int, str, list[Any], Any]]:
+  """(line, image path, labels, text or None) of each line {"path": ..., "labels": [...][,
+  "text": ...]} of a JSONL file."""
   for line, entry in enumerate(text.split('\n'), 1):
     if not entry.strip():
       continue
@@ -544,7 +576,28 @@ def _jsonl_rows(path: str, text: str,
                    '(a list of class names or ids), e.g. {"path": "dir/image.jpg", "labels": '
                    f'["cat", "dog"]}}; got {entry.strip()[:80]}')
       continue
-    yield line, obj['path'].strip(), obj['labels']
+    yield line, obj['path'].strip(), obj['labels'], obj.get('text')
+
+
+def _text_ok(text: Any, where: str, problems: _Problems) -> Optional[str]:
+  """The image's text stripped, or None with a problem noted (not a string, empty, or not
+  encodable as UTF-8: a lone surrogate such as JSON's "\\ud800")."""
+  if not isinstance(text, str):
+    problems.add(where, f'text must be a string, got {json.dumps(text)[:40]}; write the '
+                 'image\'s text in quotes, e.g. "text": "a dog on a sofa"')
+    return None
+  text = text.strip()
+  if not text:
+    problems.add(where, 'empty text; give every image a non-empty text (its caption), or '
+                 'give no image one')
+    return None
+  try:
+    text.encode('utf-8')
+  except UnicodeEncodeError as e:
+    problems.add(where, f'text is not valid Unicode ({e.reason}, character {e.start}); '
+                 'fix its escape sequences')
+    return None
+  return text
 
 
 def _read_labels_file(path: str, sep: str, problems: _Problems) -> list[_Listed]:
@@ -555,15 +608,25 @@ def _read_labels_file(path: str, sep: str, problems: _Problems) -> list[_Listed]
                           '(path,labels) or .jsonl ({"path": ..., "labels": [...]}).')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'--labels_file {path!r} does not exist.')
+  before = len(problems.messages)
   text = _read_text(path, problems)
-  rows = (_csv_rows(path, text, sep, problems) if ext == '.csv' else
-          _jsonl_rows(path, text, problems))
+  rows = list(_csv_rows(path, text, sep, problems) if ext == '.csv' else
+              _jsonl_rows(path, text, problems))
+  if not rows and len(problems.messages) == before:
+    problems.add(f'{path}:1', 'no image listed (the file is empty, or holds only blank lines '
+                 'or a header); list one image per line, e.g. photos/0001.jpg,cat|dog')
+  texts = [(line, t) for line, _, _, t in rows if t is not None]
   listed = []
-  for line, image, labels in rows:
+  for line, image, labels, image_text in rows:
     where = f'{path}:{line}'
+    if texts and image_text is None:
+      problems.add(where, f'no "text", but other images of this file have one (first at '
+                   f'line {texts[0][0]}); give every image its text, or give no image one')
+    elif image_text is not None:
+      image_text = _text_ok(image_text, where, problems)
     rel = _relative_image_path(image, where, problems)
     if _labels_ok(labels, where, problems) and rel is not None:
-      listed.append(_Listed(where, rel, labels))
+      listed.append(_Listed(where, rel, labels, image_text))
   return listed
 
 
@@ -621,6 +684,7 @@ def _labelled_folder_source(root: str, labels_spec: str, class_names_file: Optio
   class_names = _read_class_names(class_names_file, problems) if class_names_file else None
   files = _split_files(labels_spec)
   listed = {split: _read_labels_file(path, label_sep, problems) for split, path in files.items()}
+  has_text = _check_texts_everywhere(files, listed, problems)
   first = {}  # normalised path -> where first listed
   for item in itertools.chain.from_iterable(listed.values()):
     if item.path in first:
@@ -635,19 +699,37 @@ def _labelled_folder_source(root: str, labels_spec: str, class_names_file: Optio
   splits = {}
   for split, items in listed.items():
     entries = [(os.path.join(root, it.path), it.where,
-                _label_ids(it, index, len(class_names), problems, class_names_file))
+                _label_ids(it, index, len(class_names), problems, class_names_file),
+                (it.text,) if has_text else ())
                for it in items]
 
     def read(entries=entries):
-      for path, where, ids in entries:
-        yield f'{where} {path}', functools.partial(_read_file, path, ids)
+      for path, where, ids, text in entries:
+        yield f'{where} {path}', functools.partial(_read_file, path, ids, *text)
 
-    num_bytes = sum(os.path.getsize(p) for p, _, _ in entries if os.path.isfile(p))
+    num_bytes = sum(os.path.getsize(p) for p, _, _, _ in entries if os.path.isfile(p))
     splits[split] = _Split(len(entries), num_bytes, read)
   problems.raise_if_any()
   named = ', '.join(f'{s}={p}' for s, p in files.items())
-  return _Source(f'image folder {os.path.abspath(root)} with labels files {named}', class_names,
-                 splits, multi_label=True)
+  return _Source(f'image folder {os.path.abspath(root)} with labels files {named}'
+                 + (', with texts' if has_text else ''), class_names, splits, multi_label=True,
+                 has_text=has_text)
+
+
+def _check_texts_everywhere(files: dict[str, str], listed: dict[str, list[_Listed]],
+                            problems: _Problems) -> bool:
+  """Whether the dataset has texts: True when the labels files give them; a file without texts
+  beside one with them is a problem (named at its first image)."""
+  with_text = {s: any(it.text is not None for it in items) for s, items in listed.items()}
+  if not any(with_text.values()):
+    return False
+  example = files[next(s for s, t in with_text.items() if t)]
+  for split, items in listed.items():
+    if items and not with_text[split]:
+      problems.add(items[0].where, f'no texts in this file, but {example} gives its images '
+                   'texts; give the images of every split a text (CSV header path,labels,text; '
+                   'JSONL key "text"), or give none')
+  return True
 
 
 # ----------------------------------------------------------------------------- mosaics
@@ -811,21 +893,23 @@ def _inspect(image: bytes) -> tuple[str, tuple[int, int, int]]:
 
 
 def _check(item: tuple[str, Fetch]):
-  """(where, label, bytes, format, shape, pixel sums, error) for one source item; the error
-  says what the bytes are when they are no image (empty, or not a format Pillow reads)."""
+  """(where, label, text, bytes, format, shape, pixel sums, error) for one source item (text:
+  None unless the source is captioned); the error says what the bytes are when they are no
+  image (empty, or not a format Pillow reads)."""
   where, fetch = item
-  label = -1
+  label, text = -1, None
   try:
-    label, data = fetch()
+    label, data, *texts = fetch()
+    text = texts[0] if texts else None
     if not data:
-      return where, label, None, None, None, None, 'empty file (0 bytes)'
+      return where, label, text, None, None, None, None, 'empty file (0 bytes)'
     fmt, shape, sums = image_ops.pixel_sums(data)
-    return where, label, data, fmt, shape, sums, None
+    return where, label, text, data, fmt, shape, sums, None
   except UnidentifiedImageError:
-    return (where, label, None, None, None, None, f'not an image file Pillow can read '
+    return (where, label, text, None, None, None, None, f'not an image file Pillow can read '
             f'({len(data)} bytes starting with {bytes(data[:8])!r})')
   except Exception as e:  # pylint: disable=broad-except
-    return where, label, None, None, None, None, f'{type(e).__name__}: {e}'
+    return where, label, text, None, None, None, None, f'{type(e).__name__}: {e}'
 
 
 def _write_split(split: str, spec: _Split, num_classes: int, num_shards: int, tmp_dir: str,
@@ -838,7 +922,7 @@ def _write_split(split: str, spec: _Split, num_classes: int, num_shards: int, tm
   num_unlabelled = num_labels = max_labels = 0
   results = _ordered_map(pool, _check, spec.items())
   sums = stats['pixel_sums'].setdefault(split, {})
-  for k, (where, label, data, fmt, shape, pixels, error) in enumerate(results):
+  for k, (where, label, text, data, fmt, shape, pixels, error) in enumerate(results):
     ids = np.atleast_1d(np.asarray(label, np.int64))
     bad = ids[(ids < 0) | (ids >= num_classes)].tolist()
     if error is None and bad:
@@ -856,7 +940,7 @@ def _write_split(split: str, spec: _Split, num_classes: int, num_shards: int, tm
         writer.close()
       current += 1
       writer = ArrayRecordWriter(os.path.join(tmp_dir, names[current]), records.WRITER_OPTIONS)
-    writer.write(records.encode_record(label, data))
+    writer.write(records.encode_record(label, data, text))
     lengths[shard] += 1
     for i in ids:
       class_counts[i] += 1
@@ -968,7 +1052,9 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
     shapes = stats['shapes']
     meta = {
         'source': src.description,
-        'record_format': records.RECORD_FORMAT,
+        'record_format': records.TEXT_RECORD_FORMAT if src.has_text else records.RECORD_FORMAT,
+        **({'format_version': records.TEXT_FORMAT_VERSION, 'has_text': True}
+           if src.has_text else {}),   # without texts: the metadata as before version 3
         'multi_label': src.multi_label,
         'max_labels_per_image': (max(m['max_labels_per_image'] for m in split_meta.values())
                                  if src.multi_label else 1),
@@ -1089,6 +1175,9 @@ def _summary(meta: dict[str, Any], out_dir: str, seconds: float, log) -> None:
   if len(order) > 16:
     order = order[:10] + ['...'] + order[-5:]
   log(f'  class ids ({meta.get("class_order", "as given")}): {", ".join(order)}')
+  if meta['has_text']:
+    log(f'  texts: every image has its own (record format {meta["format_version"]}); for the '
+        f'locked text tower embed them once: python -m launch.prepare_text --data_dir={out_dir}')
   if 'holdout' in meta:
     h = meta['holdout']
     log(f'  held out {h["split"]!r}: {h["fraction"]:g} of {h["from"]!r}, seed {h["seed"]}'
@@ -1123,7 +1212,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--splits', help='comma-separated subset of the splits to write')
   parser.add_argument('--num_workers', type=int, help='decode-check threads')
   parser.add_argument('--labels_file', help='folder: FILE.csv|FILE.jsonl (train) or '
-                      'train=a.csv,test=b.jsonl (multi-label)')
+                      'train=a.csv,test=b.jsonl (multi-label; with a text per image: CSV header '
+                      'path,labels,text, JSONL key "text")')
   parser.add_argument('--class_names_file', help='folder + labels: one class name per line')
   parser.add_argument('--label_sep', default='|', help="CSV labels separator (default '|')")
   parser.add_argument('--seed', type=int, default=0, help='mosaic, --holdout_split: seed of '
