@@ -65,12 +65,18 @@ class Head(nn.Module):
     (1 = real example, 0 = padding) and must keep padding out of every example's loss.
   * `label_sets_unsupported`: None, or a sentence saying why the head cannot train on label
     sets [B, L]; a config with `dataset.multi_label` is then refused when the model is built.
+  * `text_input`: None, or how the head reads each training example's own text (a captioned
+    dataset, `input_pipeline.records` format 3): an `input_pipeline.captions.TextInput`. The
+    input pipeline then puts `text_input(text)` of every example into the batch as 'text'
+    [B, *text_input.shape], and the head is called in training with `text=` that array
+    (`training.model.Classifier`); evaluation passes no text.
   """
   rng_streams: ClassVar[Tuple[str, ...]] = ()
   sows: ClassVar[Mapping[str, Tuple[str, ...]]] = {}
   fixed_variables: ClassVar[Mapping[str, Tuple[str, ...]]] = {}
   in_batch_loss: ClassVar[bool] = False
   label_sets_unsupported: ClassVar[Optional[str]] = None
+  text_input = None     # a class attribute here, a field of a head that reads texts
 
   def ood_scores(self, x: jax.Array, logits: jax.Array) -> Dict[str, jax.Array]:
     """The head's own OOD scores {name: [B] float32} (higher = more likely OOD) of features

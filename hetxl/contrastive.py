@@ -41,9 +41,17 @@ Choices the paper does not pin down (fields; defaults and why):
   * zero-shot and eval logits use deterministic image embeddings (the paper's test-time rule);
     the MC estimate is used only in the training loss.
 
-Captions: the text of image i is template t_i of its class name, t_i drawn uniformly per
-example and step from the 'captions' rng (`input_pipeline.captions`); `captions` [K, T, ...]
-holds the text-tower inputs of all K x T captions. Class embeddings for zero-shot are the
+Texts (`captions_from`): on a dataset without texts the text of image i is template t_i of
+its class name, t_i drawn uniformly per example and step from the 'captions' rng
+(`input_pipeline.captions`); `captions` [K, T, ...] holds the text-tower inputs of all K x T
+captions. On a captioned dataset (each image has its own text, `input_pipeline.records`
+format 3) the text of image i is its own: the batch carries it (`text_input`: byte tokens
+[B, L] or the locked encoder's embeddings [B, E_text]) and the head is called with `text=`;
+labels then play no part in the loss, so label sets (multi-label data, as every labels-file
+dataset is) are accepted. Default 'auto': the dataset's own texts when it has them (it was
+prepared with texts to be trained on them), else the templates (exactly the behaviour before
+captioned datasets existed); 'dataset' insists (a clear error on data without texts),
+'templates' ignores a dataset's texts. Class embeddings for zero-shot are the
 templates' normalised text embeddings averaged and renormalised (CLIP's prompt ensembling);
 `logits` [B, K] = s * zhat . c_k + b, so softmax(logits) is the zero-shot class probability.
 In training the class embeddings use the first template only (a metric: the K x T text
@@ -114,12 +122,14 @@ def contrastive_loss(sample_fn: Callable[[jax.Array], jax.Array], num_samples: i
 class ContrastiveHead(Head):
   """Two-tower head: image projection + text tower + (HET-XL) contrastive loss.
 
-  Called as every head, `head(features [B, D], labels [B] or None, *, train, mask=None)` ->
-  `HeadOutput(logits [B, K] zero-shot class logits, loss [B] or None)`. `labels` pick each
-  image's caption class; `mask` [B] (padding = 0) keeps padding out of the in-batch loss
-  (`in_batch_loss`: `training.model.Classifier` passes it). Build with `from_dataset`, which
-  makes the caption table of the configured classes. Sows 'temperature' or
-  'inverse_temperature' into 'head_metrics'.
+  Called as every head, `head(features [B, D], labels [B] or None, *, train, mask=None,
+  text=None)` -> `HeadOutput(logits [B, K] zero-shot class logits, loss [B] or None)`.
+  `labels` pick each image's caption class, unless the head reads each image's own text
+  (`text_input` set): then `text` [B, *text_input.shape] holds those texts (required when
+  `labels` are given) and labels may be sets [B, L]. `mask` [B] (padding = 0) keeps padding
+  out of the in-batch loss (`in_batch_loss`: `training.model.Classifier` passes it). Build
+  with `from_dataset`, which makes the caption table of the configured classes and resolves
+  `captions_from`. Sows 'temperature' or 'inverse_temperature' into 'head_metrics'.
   """
   num_classes: int
   captions: Any                           # [K, T, L] int32 tokens or [K, T, E_text] float32
@@ -142,18 +152,29 @@ class ContrastiveHead(Head):
   templates: Optional[Tuple[str, ...]] = None    # None: input_pipeline.captions.TEMPLATES
   context_length: int = 32                       # byte tokens per caption ('transformer')
   text_embeddings: str = ''                      # 'locked': file; '' = <data_dir>/text_embeddings.npz
+  # Each training image's text: 'auto' | 'dataset' | 'templates' (module docstring);
+  # `from_dataset` resolves 'auto' and sets `text_input` when the texts are the dataset's own.
+  captions_from: str = 'auto'
+  text_input: Any = None                         # input_pipeline.captions.TextInput or None
 
   link = 'softmax'      # softmax(logits) is the zero-shot class probability, whatever `loss`
   rng_streams = (RNG_DIAG, RNG_R, RNG_CAPTIONS)
   sows = {METRICS: ('temperature', 'inverse_temperature')}
   in_batch_loss = True
-  label_sets_unsupported = ('its captions are built from one class name per image (a label '
-                            'set has no single caption).')
+
+  @property
+  def label_sets_unsupported(self) -> Optional[str]:
+    if self.text_input is not None:
+      return None       # each image's own text: labels are not in the loss
+    return ('its captions are built from one class name per image (a label set has no single '
+            "caption); a captioned dataset's own texts have none of this limit.")
 
   @classmethod
   def from_dataset(cls, dataset: ml_collections.ConfigDict, num_classes: int,
                    **kwargs) -> 'ContrastiveHead':
-    """The head with the caption table of `dataset`'s classes (names from its metadata)."""
+    """The head with the caption table of `dataset`'s classes (names from its metadata) and,
+    when training reads each image's own text (`captions_from`), its `text_input`. Raises
+    ValueError when `captions_from='dataset'` and the dataset has no texts."""
     from input_pipeline import captions
     get = lambda name: kwargs.get(name, getattr(cls, name))
     templates = tuple(get('templates') or captions.TEMPLATES)
@@ -161,7 +182,30 @@ class ContrastiveHead(Head):
         captions.dataset_class_names(dataset), get('text_tower'), templates,
         get('context_length'),
         get('text_embeddings') or captions.embeddings_path(dataset.data_dir))
-    return cls(num_classes=num_classes, captions=table, **{**kwargs, 'templates': templates})
+    source = get('captions_from')
+    if source not in ('auto', 'dataset', 'templates'):
+      raise ValueError(f"model.head_kwargs.captions_from must be 'auto', 'dataset' or "
+                       f"'templates', got {source!r}")
+    has_text = captions.dataset_has_text(dataset)
+    if source == 'dataset' and not has_text:
+      raise ValueError(
+          "model.head_kwargs.captions_from='dataset' trains on each image's own text, but "
+          f'{dataset.name} dataset {dataset.data_dir or dataset.name!r} has none. Prepare a '
+          'captioned dataset from a labels file with a text column (launch.prepare_data '
+          '--source=folder --labels_file=FILE.csv with the header path,labels,text), or set '
+          "captions_from='templates' (or 'auto') to caption images by their class names.")
+    source = 'dataset' if source == 'dataset' or (source == 'auto' and has_text) else 'templates'
+    text_input = (captions.text_input(dataset, get('text_tower'), get('context_length'))
+                  if source == 'dataset' else None)
+    if text_input is not None and text_input.kind == 'embeddings' and (
+        text_input.dim != table.shape[-1]):
+      raise ValueError(
+          f"{text_input.embeddings_file} holds {text_input.dim}-dim embeddings of the images' "
+          f'texts but the class prompts\' embeddings are {table.shape[-1]}-dim: write both with '
+          'the same encoder (re-run python -m launch.prepare_text on the dataset).')
+    return cls(num_classes=num_classes, captions=table,
+               **{**kwargs, 'templates': templates, 'captions_from': source,
+                  'text_input': text_input})
 
   def _check(self):
     if self.noise not in ('none', 'hetxl'):
@@ -189,7 +233,8 @@ class ContrastiveHead(Head):
 
   @nn.compact
   def __call__(self, features: jax.Array, labels: Optional[jax.Array] = None, *,
-               train: bool = False, mask: Optional[jax.Array] = None) -> HeadOutput:
+               train: bool = False, mask: Optional[jax.Array] = None,
+               text: Optional[jax.Array] = None) -> HeadOutput:
     self._check()
     batch = features.shape[0]
     z = nn.Dense(self.embed_dim, name='image_projection')(features.astype(jnp.float32))
@@ -198,26 +243,20 @@ class ContrastiveHead(Head):
     scale, bias = self._scale_and_bias()
     zhat = l2_normalize(z)
     table = jnp.asarray(self.captions)
-    text = build_text_tower(self.text_tower, self.embed_dim, name='text',
-                            **dict(self.text_kwargs or {}))
+    text_tower = build_text_tower(self.text_tower, self.embed_dim, name='text',
+                                  **dict(self.text_kwargs or {}))
 
     if train and labels is not None:
-      classes = jax.lax.stop_gradient(class_embeddings(text, table[:, :1]))
+      classes = jax.lax.stop_gradient(class_embeddings(text_tower, table[:, :1]))
     else:
-      classes = class_embeddings(text, table)
+      classes = class_embeddings(text_tower, table)
     logits = scale * zhat @ classes.T + bias
     if labels is None:
       if noise_scales is not None:
         noise_scales(z, jnp.float32)   # creates the noise parameters at init
       return HeadOutput(logits, None)
 
-    # This batch's captions: template t_i of class labels[i], t_i uniform per example.
-    num_templates = table.shape[1]
-    if self.has_rng(RNG_CAPTIONS):
-      t = jax.random.randint(self.make_rng(RNG_CAPTIONS), (batch,), 0, num_templates)
-    else:
-      t = jnp.zeros((batch,), jnp.int32)
-    texts = l2_normalize(text(table[labels, t]))                                   # [B, E]
+    texts = l2_normalize(text_tower(self._batch_texts(table, labels, text)))      # [B, E]
     mask = jnp.ones((batch,), jnp.float32) if mask is None else mask
 
     if noise_scales is None:
@@ -229,6 +268,22 @@ class ContrastiveHead(Head):
     loss = contrastive_loss(sample_fn, num_samples, mask, loss=self.loss,
                             chunk_size=self.mc_chunk_size)
     return HeadOutput(logits, loss)
+
+  def _batch_texts(self, table: jax.Array, labels: jax.Array,
+                   text: Optional[jax.Array]) -> jax.Array:
+    """The text-tower inputs [B, ...] of this batch's texts: each image's own (`text`), or
+    template t_i of class labels[i], t_i uniform per example."""
+    if self.text_input is not None:
+      if text is None:
+        raise ValueError("ContrastiveHead reads each image's own text (text_input is set): "
+                         "call it with text= [B, ...], the batch's 'text'")
+      return text
+    batch = labels.shape[0]
+    if self.has_rng(RNG_CAPTIONS):
+      t = jax.random.randint(self.make_rng(RNG_CAPTIONS), (batch,), 0, table.shape[1])
+    else:
+      t = jnp.zeros((batch,), jnp.int32)
+    return table[labels, t]
 
   def _hetxl_samples(self, z, scales, texts, scale, bias, train):
     """sample_fn(idx) -> [B, C, B] logits of the noisy image embeddings n(z + eps_s)."""

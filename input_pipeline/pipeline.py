@@ -17,11 +17,15 @@ import numpy as np
 
 
 def preprocess(element: dict, rng: np.random.Generator | None, *, augment: str = 'none',
-               eval_mode: str = 'none', image_size: int = 0, channels: int = 0) -> dict:
+               eval_mode: str = 'none', image_size: int = 0, channels: int = 0,
+               text_input: Any = None) -> dict:
   """Decodes (if needed), augments and resizes one element; the image comes out uint8 [H, W, C].
 
   augment: 'none' | 'flip' | 'cifar' (pad 4 + random crop + flip) | 'inception'
-  (random-resized-crop + flip); eval_mode: 'none' | 'resize' | 'center_crop'.
+  (random-resized-crop + flip); eval_mode: 'none' | 'resize' | 'center_crop'. With
+  `text_input` (`input_pipeline.captions.TextInput`: the head reads each example's own text)
+  the element's 'text' comes out as `text_input(text)` (tokens or an embedding); without it
+  a text is dropped. KeyError when `text_input` is given and the element has no text.
   """
   from input_pipeline import image_ops
   image = element['image']
@@ -49,8 +53,14 @@ def preprocess(element: dict, rng: np.random.Generator | None, *, augment: str =
     raise ValueError(f'unknown input.eval_preprocess {eval_mode!r}')
   elif image_size and image.shape[:2] != (image_size, image_size):
     image = image_ops.resize(image, image_size)
-  return {'image': np.asarray(image, np.uint8), 'label': np.asarray(element['label'], np.int32),
-          'mask': np.float32(element.get('mask', 1.0))}
+  out = {'image': np.asarray(image, np.uint8), 'label': np.asarray(element['label'], np.int32),
+         'mask': np.float32(element.get('mask', 1.0))}
+  if text_input is not None:
+    if 'text' not in element:
+      raise KeyError("the head reads each example's own text, but this example has none (a "
+                     'dataset without texts: prepare it from a labels file with a text column)')
+    out['text'] = text_input(element['text'])
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +68,11 @@ class TrainPreprocess(grain.transforms.RandomMap):
   augment: str
   image_size: int
   channels: int
+  text_input: Any = None
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     return preprocess(element, rng, augment=self.augment, image_size=self.image_size,
-                      channels=self.channels)
+                      channels=self.channels, text_input=self.text_input)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +192,10 @@ class TrainBatches(grain.DatasetIterator):
 
 def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
                   image_size: int, channels: int, shuffle: bool = True,
-                  num_workers: int = 0) -> TrainBatches:
-  """Endless training batches of this process: {'image' uint8, 'label' int32, 'mask'}.
+                  num_workers: int = 0, text_input: Any = None) -> TrainBatches:
+  """Endless training batches of this process: {'image' uint8, 'label' int32, 'mask'}, and
+  'text' [B, *text_input.shape] (each example's own text as its head reads it) when
+  `text_input` is given (`preprocess`).
 
   This process's stream is example i of the seeded, per-epoch reshuffled, repeated source at
   positions process_index, process_index + process_count, ...; each example is augmented
@@ -194,7 +207,7 @@ def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(None)
   ds = ds[jax.process_index()::jax.process_count()]
-  ds = ds.random_map(TrainPreprocess(augment, image_size, channels), seed=seed)
+  ds = ds.random_map(TrainPreprocess(augment, image_size, channels, text_input), seed=seed)
   return TrainBatches(ds, _per_process(global_batch), num_workers)
 
 

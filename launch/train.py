@@ -137,7 +137,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       train_source, global_batch=config.input.batch_size, seed=config.seed,
       augment=config.input.train_augment, image_size=config.input.image_size,
       channels=config.dataset.channels, shuffle=config.input.shuffle,
-      num_workers=config.input.num_workers))
+      num_workers=config.input.num_workers, text_input=exp.text_input))
   data_sharding = batch_sharding(exp.mesh)
 
   # ----- State: restore the latest checkpoint (model, optimizer, step, data order) or init.

@@ -91,15 +91,24 @@ class Experiment:
     """One global train batch as `to_global` assembles it, without data: ShapeDtypeStructs
     sharded over 'data' (`batch_sharding`). image uint8 [B, H, W, C], label int32 [B], mask
     float32 [B] (per example what `input_pipeline.pipeline.preprocess` emits; label int32
-    [B, dataset.max_labels] for multi-label data), B =
-    `input.batch_size`. The one place that knows the batch layout ahead of time."""
+    [B, dataset.max_labels] for multi-label data), and 'text' [B, *shape] when the head reads
+    each example's own text (`text_input`), B = `input.batch_size`. The one place that knows
+    the batch layout ahead of time."""
     b, sharding = self.config.input.batch_size, batch_sharding(self.mesh)
     ds = self.config.dataset
     label = (b, ds.max_labels) if ds.multi_label else (b,)
     shapes = {'image': ((b, *self.image_shape), np.uint8), 'label': (label, np.int32),
               'mask': ((b,), np.float32)}
+    if self.text_input is not None:
+      shapes['text'] = ((b, *self.text_input.shape), self.text_input.dtype)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
             for k, (shape, dtype) in shapes.items()}
+
+  @property
+  def text_input(self) -> Any:
+    """How training batches carry each example's own text to the head (`Head.text_input`:
+    an `input_pipeline.captions.TextInput`), or None when the head reads none."""
+    return self.model.head.text_input
 
   def eval_dataset(self, source: Any = None):
     """One padded pass over the eval split (or over `source`, preprocessed the same way)."""

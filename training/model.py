@@ -26,10 +26,15 @@ class Classifier(nn.Module):
     return self.backbone(x, train=train)
 
   def __call__(self, images: jax.Array, labels: Optional[jax.Array] = None, *,
-               train: bool = False, mask: Optional[jax.Array] = None) -> HeadOutput:
+               train: bool = False, mask: Optional[jax.Array] = None,
+               text: Optional[jax.Array] = None) -> HeadOutput:
     """`mask` [B] (1 = real example) goes to heads whose loss couples the examples of a
-    batch (`in_batch_loss`, e.g. contrastive); per-example losses are masked by the trainer."""
+    batch (`in_batch_loss`, e.g. contrastive); per-example losses are masked by the trainer.
+    `text` [B, ...] (the batch's 'text': each example's own text) goes to heads that read it
+    (`Head.text_input`)."""
     extra = {'mask': mask} if self.head.in_batch_loss else {}
+    if self.head.text_input is not None:
+      extra['text'] = text
     return self.head(self.features(images, train=train), labels, train=train, **extra)
 
 

@@ -39,7 +39,8 @@ def make_train_step(exp: Experiment):
     def loss_fn(params):
       out, mutated = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, batch['image'], batch['label'],
-          train=True, mask=mask, rngs=rngs, mutable=['batch_stats', METRICS])
+          train=True, mask=mask, text=batch.get('text'), rngs=rngs,
+          mutable=['batch_stats', METRICS])
       loss = jnp.sum(out.loss * mask) / jnp.maximum(jnp.sum(mask), 1.0)
       return loss, (out.logits, mutated)
 
