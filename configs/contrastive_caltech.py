@@ -28,8 +28,11 @@ evaluate zero-shot on the 20 held-out classes and on CIFAR-10 (same workdir, --m
       --workdir=/tmp/ct --mode=eval
 Options: `epochs=N` (default 10), `seed=N` (training seed), `split=N` (class split seed),
 `eval_on=seen|heldout|cifar10`, `size=N` (image side, default 64), `batch=N` (default 128),
-`runlocal` (synthetic stand-in data, the small convnet, tiny text tower: checks the path in
-seconds, needs no data).
+`data=DIR` (your own prepared dataset instead of Caltech-101, below), `max_labels=N` (with
+data=DIR: labels per image at most, default 8; 0 = single-label data such as a folder of class
+folders), `runlocal` (synthetic stand-in data, the small convnet, tiny text tower: checks the
+path in seconds, needs no data; with data=DIR it trains the small models on DIR).
+
 Expected (BENCHMARKS.md, "Contrastive HET-XL"; measured only for the short CPU runs
 `text=locked,size=32,batch=64,epochs=2`, seeds 0-2): zero-shot accuracy on the 20 held-out
 classes 0.15 +- 0.09 (DET) and 0.17 +- 0.09 (HET-XL) (uniform chance 0.05; the majority class
@@ -37,6 +40,22 @@ classes 0.15 +- 0.09 (DET) and 0.17 +- 0.09 (HET-XL) (uniform chance 0.05; the m
 The defaults (64 px, batch 128, 10 epochs) and text=transformer were not run to the end here;
 a from-scratch byte-level text tower cannot know the held-out class names, so expect chance
 there.
+
+Your own image-text pairs (`data=DIR`): each image's own text replaces the class-name
+templates in training (`model.head_kwargs.captions_from`; default 'auto': the dataset's texts
+when it has them, since a dataset is prepared with texts to be trained on them, else the
+templates, so every dataset without texts trains exactly as before; 'dataset' insists and is
+an error on data without texts; 'templates' ignores them). List the images in a CSV whose
+header is path,labels,text (labels joined by '|', may be empty; quote a text with a comma) or
+a JSONL with "path", "labels" and "text"; every image needs a non-empty text; paths are
+relative to --input_dir (one labels file only? add --holdout_split=test for the eval split):
+  python -m launch.prepare_data --source=folder --input_dir=photos \
+      --labels_file=train=train.csv,test=test.csv --out=.data/captioned
+  python -m launch.prepare_text --data_dir=.data/captioned      # text=locked only
+  python -m launch.main --config=configs/contrastive_caltech.py:data=.data/captioned \
+      --workdir=/tmp/captioned
+All the dataset's classes are used (names from the labels); the eval is zero-shot on its test
+split by class-name prompts, as for Caltech-101; steps count in epochs of its train split.
 """
 from configs import base, schema
 
@@ -54,6 +73,7 @@ def contrastive_head(c: base.ConfigDict, *, noise: str, text: str) -> base.Confi
       temperature='bounded' if hetxl else 'inverse', temperature_bounds=(0.01, 0.19),
       context_length=48, text_embeddings='',   # '': <data_dir>/text_embeddings.npz
       templates=(),                             # (): input_pipeline.captions.TEMPLATES
+      captions_from='auto',   # each image's own text when the data has texts, else templates
       text_kwargs=(dict(width=128, depth=2, num_heads=4, mlp_dim=512) if text == 'transformer'
                    else dict(project=True))))
   return c
@@ -71,14 +91,33 @@ def class_split(seed: int) -> tuple[tuple, tuple]:
 def _prepared(c: base.ConfigDict, name: str, num_classes: int, size: int) -> None:
   base.prepared_dataset(c, name)
   c.dataset.num_classes, c.dataset.channels, c.dataset.image_size = num_classes, 3, size
+  c.dataset.multi_label, c.dataset.max_labels = False, 0
+
+
+def own_data(c: base.ConfigDict, data_dir: str, max_labels: int, epochs: int) -> None:
+  """`data=DIR`: every class of the prepared dataset DIR (facts, pixel statistics and epochs
+  from its metadata), multi-label with up to `max_labels` labels per image (0: single-label)."""
+  base.prepared_dataset(c, 'caltech101', data_dir)
+  ds = c.dataset
+  ds.classes = ds.ood_classes = ()
+  ds.num_classes = ds.channels = ds.image_size = 0
+  ds.multi_label, ds.max_labels = max_labels > 0, max_labels
+  c.input.mean = c.input.std = ()
+  c.train.num_steps, c.train.epochs = 0, float(epochs)
+  c.train.checkpoint_every, c.train.checkpoint_every_epochs = 0, 5.0
+  c.optimizer.warmup_steps, c.optimizer.warmup_epochs = 0, 1.0
 
 
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, hetxl=False, text='transformer', epochs=10, seed=0, split=0,
-                        eval_on='seen', size=64, batch=128, runlocal=False)
+                        eval_on='seen', size=64, batch=128, data='', max_labels=8,
+                        runlocal=False)
   epochs, batch_size, text, eval_on = args.epochs, args.batch, args.text, args.eval_on
   if eval_on not in ('seen', 'heldout', 'cifar10'):
     raise ValueError(f'eval_on must be seen, heldout or cifar10, got {eval_on!r}')
+  if args.data and eval_on == 'heldout':
+    raise ValueError('eval_on=heldout names held-out Caltech-101 classes; with data=DIR use '
+                     'eval_on=seen (its test split) or cifar10')
   c = schema.base_config()
   c.seed = args.seed
   _prepared(c, 'caltech101', CLASSES, 64)
@@ -105,6 +144,8 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   c.train.eval_every = 0
   c.train.checkpoint_every = steps_per_epoch * 5
   contrastive_head(c, noise='hetxl' if args.hetxl else 'none', text=text)
+  if args.data:
+    own_data(c, args.data, args.max_labels, epochs)
   if eval_on == 'heldout':
     c.dataset.classes, c.dataset.ood_classes = held, seen
     c.dataset.num_classes = len(held)
@@ -112,11 +153,12 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
     _prepared(c, 'cifar10', 10, 32)
     c.dataset.classes = c.dataset.ood_classes = ()
   if args.runlocal:
-    base.runlocal(c, stand_in=True)
+    base.runlocal(c, stand_in=not args.data)
     c.model.backbone, c.model.backbone_kwargs = 'convnet', base.ConfigDict(dict(features=32))
-    c.dataset.classes = c.dataset.ood_classes = ()
-    c.dataset.num_classes = 5
-    c.dataset.num_examples = 64
+    if not args.data:
+      c.dataset.classes = c.dataset.ood_classes = ()
+      c.dataset.num_classes = 5
+      c.dataset.num_examples = 64
     c.model.head_kwargs.embed_dim = 16
     c.model.head_kwargs.train_mc_samples = 4
     c.model.head_kwargs.context_length = 24
