@@ -138,7 +138,7 @@ def write_image_text_embeddings(path: str, texts: Sequence[str], encode: Encoder
   """Encodes each distinct text once and writes the table the pipeline looks texts up in
   (`captions.IMAGE_TEXT_EMBEDDINGS_FILE` format, atomically). Returns it: [U] records (key,
   embedding [E]) sorted by key. ValueError if two distinct texts share a key (a 64-bit hash
-  collision: about 1 in 10^8 for a million texts)."""
+  collision: about 3 in 10^8 for a million texts)."""
   from input_pipeline.captions import image_text_dtype, text_key
   distinct = sorted(set(texts))
   keys = np.array([text_key(t) for t in distinct], np.uint64)
