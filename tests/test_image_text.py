@@ -3,10 +3,12 @@
 text column and its errors, the training batch carrying each record's own text (byte tokens,
 locked-encoder embeddings), the contrastive loss on those texts against numpy, and one
 end-to-end `launch.main` run on a tiny captioned folder."""
+import csv
 import functools
 import io
 import json
 import os
+import shutil
 import struct
 
 import jax
@@ -56,7 +58,6 @@ def _write_images(root, n: int) -> None:
 def captioned(tmp_path_factory):
   """A prepared captioned dataset: train (CSV with a text column) and test (JSONL with
   "text") splits, example i's image is flat 7 * i, its text `_text(i)`."""
-  import csv
   d = tmp_path_factory.mktemp('captioned')
   _write_images(d / 'images', TRAIN + TEST)
   with open(d / 'train.csv', 'w', newline='', encoding='utf-8') as f:
@@ -289,7 +290,6 @@ def test_asking_for_texts_on_data_without_them_is_a_clear_error(tmp_path):
 
 def test_locked_tower_without_image_text_embeddings_says_how_to_write_them(captioned, tmp_path):
   data, _ = captioned
-  import shutil
   copy = tmp_path / 'copy'
   shutil.copytree(data, copy, ignore=shutil.ignore_patterns(captions.IMAGE_TEXT_EMBEDDINGS_FILE))
   with pytest.raises(FileNotFoundError, match='python -m launch.prepare_text'):
