@@ -230,6 +230,7 @@ def text_input(ds, tower: str, context_length: int) -> TextInput:
     raise FileNotFoundError(
         f'no locked text-encoder embeddings of the images\' own texts at {path}: write them '
         f'once with\n{_prepare_text_command(ds.data_dir)}, or use the from-scratch text tower '
-        "(model.head_kwargs.text_tower='transformer').")
+        "(model.head_kwargs.text_tower='transformer'); only to evaluate (zero-shot by class "
+        "names) set model.head_kwargs.captions_from='templates'.")
   dim = _image_text_table(path).dtype['embedding'].shape[0]
   return TextInput('embeddings', embeddings_file=path, dim=dim)
