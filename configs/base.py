@@ -170,9 +170,10 @@ def hetxl_head(c: ConfigDict, kind: str = 'hetxl', **options) -> ConfigDict:
   S -> infinity limit (hetxl.quadrature). Raises ValueError for an option not listed.
   """
   unknown = sorted(set(options) - set(HETEROSCEDASTIC_OPTIONS))
-  if unknown or 'num_factors' not in options:
-    raise ValueError(f'hetxl_head takes num_factors and options among '
-                     f'{HETEROSCEDASTIC_OPTIONS}; got unknown {unknown}')
+  if unknown:
+    raise ValueError(f'hetxl_head: unknown options {unknown}; it takes {HETEROSCEDASTIC_OPTIONS}')
+  if 'num_factors' not in options:
+    raise ValueError('hetxl_head needs num_factors (R, the low-rank noise factors)')
   defaults = {f.name: f.default for f in dataclasses.fields(head_class(kind))
               if f.name in HETEROSCEDASTIC_OPTIONS and f.name != 'num_factors'}
   defaults['compute_dtype'] = np.dtype(defaults['compute_dtype']).name

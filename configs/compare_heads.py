@@ -15,7 +15,8 @@ classifier; with phase1=DIR, LLC phase 2 from that phase-1 workdir: instance cod
 noise = fraction of training labels flipped, noise_kind = symmetric | class_dependent;
 tau = LO:HI, the learnt temperature's bounds for het / hetxl (default 0.05:5.0, start at the
 midpoint); tau_lr = M, the temperature's learning-rate multiplier for het / hetxl (default 1;
-10 won on frozen features under 40% noise, BENCHMARKS.md "Label noise on frozen features");
+10 won on frozen features; end to end at 5 epochs it did not help: BENCHMARKS.md "Label
+noise on frozen features" and "Label noise end to end");
 epochs; width (ResNet-18 channel multiplier, 1.0 = the real ResNet-18); ood = F holds out a
 seeded fraction F of the classes (`base.hold_out_classes`; OOD data for `evaluation.ood`); runlocal.
 Recipe: ResNet-18 (CIFAR stem on 32 px CIFAR-10, ImageNet stem on 64 px Caltech-101), Adam 1e-3

@@ -146,3 +146,5 @@ def test_hetxl_head_sets_only_what_differs_from_the_head_class(kind):
     assert got == want, name
   with pytest.raises(ValueError, match='unknown'):
     base.hetxl_head(schema.base_config(), kind, num_factors=2, train_samples=10)  # old name
+  with pytest.raises(ValueError, match='needs num_factors'):
+    base.hetxl_head(schema.base_config(), kind, mc_chunk_size=7)
