@@ -138,7 +138,7 @@ def main():
     tau = cell([r['taus'][-1][1] for r in rs], '.3f') if rs[0]['taus'] else '-'
     print(f'| {h} | {cell(col("accuracy"), ".4f")} | {cell(col("nll"), ".4f")} | '
           f'{cell(col("ece"), ".4f")} | {tau} | {cell(col("images_per_sec"), ".0f")} | '
-          f'{rs[0]["head_params"]:,} | {cell(col("wall_s"), ".0f")} |')
+          f'{rs[0]["head_params"]:,} | {"-" if args.report else cell(col("wall_s"), ".0f")} |')
   llc = results.get('llc', [])
   if llc:
     print('\nLLC phase 2 (instance codes from the llc run, 1/4 of its steps, lr / 10):\n')
