@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import ROOT, load_benchmark
+from tests.helpers import ROOT, load_benchmark, xla_flags
 
 gpu_suite = load_benchmark('gpu_suite')
 
@@ -67,7 +67,7 @@ def test_smoke_suite_runs_every_part_in_order(tmp_path):
   """The real suite, --smoke: every part's section in order, nothing failed (a part may be cut
   by its few-second budget on a loaded CPU, which is what the budgets are for)."""
   out = tmp_path / 'smoke.md'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(1))
   t0 = time.time()
   proc = subprocess.run([os.path.join(ROOT, 'benchmarks', 'gpu_suite.sh'), '--smoke',
                          f'--out={out}', f'--workdir={tmp_path / "w"}', '--budget=30'],

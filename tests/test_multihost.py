@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, last_json, run_main, run_module
+from tests.helpers import ROOT, last_json, run_main, run_module, xla_flags
 
 ARGS = ['--config=configs/quickstart.py:runlocal', '--config.optimizer.schedule=constant',
         '--config.train.async_checkpointing=False', '--config.train.checkpoint_every=2']
@@ -32,7 +32,7 @@ def _run_two_processes(module, *args):
   procs = []
   for i in range(2):
     env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-               XLA_FLAGS='--xla_force_host_platform_device_count=2',
+               XLA_FLAGS=xla_flags(2),
                JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
                JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen([sys.executable, '-m', module, *args], cwd=ROOT, env=env,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ROOT, load_config
+from tests.helpers import FAST_COMPILE, ROOT, load_config
 from training.checkpointing import Checkpointer
 from launch.train import train_and_evaluate
 
@@ -74,7 +74,7 @@ def test_prepared_caltech101_trains(tmp_path):
 
 
 def test_sigterm_saves_and_the_rerun_resumes(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', XLA_FLAGS='')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', XLA_FLAGS=FAST_COMPILE)
   cmd = [sys.executable, '-m', 'launch.main', '--config=configs/quickstart.py',
          f'--workdir={tmp_path}', '--config.train.checkpoint_every=100000',
          '--config.train.log_every=1', '--config.train.num_steps=100000']

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from evaluation.from_checkpoint import evaluate_checkpoint
-from tests.helpers import ROOT, last_json, load_config, override, run_main
+from tests.helpers import FAST_COMPILE, ROOT, last_json, load_config, override, run_main
 from training.checkpointing import Checkpointer
 from training.experiment import Experiment
 from launch.train import train_and_evaluate
@@ -109,7 +109,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
 
 
 def test_killed_during_save_keeps_last_checkpoint_loadable(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', XLA_FLAGS='')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', XLA_FLAGS=FAST_COMPILE)
   cmd = [sys.executable, '-m', 'launch.main', '--config=configs/quickstart.py',
          f'--workdir={tmp_path}', '--config.train.num_steps=100000',
          '--config.train.checkpoint_every=1', '--config.train.log_every=1',
