@@ -94,17 +94,17 @@ def test_llc_evaluate_and_ood_on_two_processes_equal_one(tmp_path):
   config = tmp_path / 'llc_digits.py'
   config.write_text(LLC_CONFIG)
   p1, p2 = tmp_path / 'p1', tmp_path / 'p2'
-  c1 = f'--config={config}:phase=1,bits=6,ood=0.3'
-  c2 = f'--config={config}:phase=2,bits=6,ood=0.3,phase1={p1}'
+  a1, a2 = 'phase=1,bits=6,ood=0.3', f'phase=2,bits=6,ood=0.3,phase1={p1}'
+  c2 = f'--config={config}:{a2}'
   # The two workdirs are made in this process (the comparison below is what runs twice).
   from launch.train import train_and_evaluate
   from llc.evaluate import evaluate_llc
   namespace = {}
   exec(LLC_CONFIG, namespace)
-  phase1 = namespace['get_config'](c1.split(':', 1)[1])
+  phase1 = namespace['get_config'](a1)
   train_and_evaluate(phase1, str(p1))
   evaluate_llc(phase1, str(p1))                      # exports p1/codebook.npy
-  train_and_evaluate(namespace['get_config'](c2.split(':', 1)[1]), str(p2))
+  train_and_evaluate(namespace['get_config'](a2), str(p2))
 
   from configs.base import hold_out_classes
   from configs.quickstart import get_config
