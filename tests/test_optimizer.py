@@ -196,3 +196,43 @@ def test_frozen_backbone_in_the_sharded_train_step():
   trainable = sum(x.size for p, x in _flat(before).items() if not p.startswith(
       ('backbone/conv1/', 'backbone/conv2/')))
   assert sum(x.size for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0) == 2 * trainable
+
+
+_SCHEDULE = (r'learning rate (\S+) at step 1, (\S+) at step (\d+) \(after (\d+) warmup steps\), '
+             r'cosine to (\S+) at the last step (\d+)')
+
+
+def test_a_short_run_decays_and_prints_the_schedule_the_optimizer_runs(capsys):
+  """Issue 28 point 1: compare_heads at 0.25 epochs of 60k images is 117 steps, shorter than
+  its min(200 steps, 1 epoch) warmup. The warmup is cut to a tenth of the run with a one-line
+  warning, and the printed learning rates (first step, peak, last step) are those of the
+  optimizer itself (plain SGD, gradient 1: the update of step s is -lr(s)) and of the cosine
+  closed form; the last step's rate is below 1% of the peak. Resolving again prints nothing."""
+  import re
+  from tests.helpers import FACTS, load_config
+  from training.resolve import resolve
+  c = load_config('compare_heads.py', 'epochs=0.25')
+  c.dataset.update(FACTS['cifar10'], train_examples=60_000)
+  resolve(c, with_data=False)
+  out, err = capsys.readouterr()
+  assert c.train.num_steps == 117 and c.optimizer.warmup_steps == 11
+  assert err.count('config warning:') == 1 and 'warmup_steps 200 >= train.num_steps 117' in err
+  first, peak, peak_step, warmup, last, last_step = re.search(_SCHEDULE, out).groups()
+  assert (int(peak_step), int(warmup), int(last_step)) == (12, 11, 117)
+  n, w, lr = 117, 11, 1e-3
+  closed = {1: 0.0, 12: lr, n: lr * 0.5 * (1 + np.cos(np.pi * (n - 1 - w) / (n - w)))}
+  sgd = c.optimizer.copy_and_resolve_references()
+  sgd.name, sgd.momentum, sgd.weight_decay, sgd.grad_clip_norm = 'sgd', 0.0, 0.0, 0.0
+  params = {'w': jnp.zeros(())}
+  tx = build_optimizer(sgd, n, params)
+  state, rates = tx.init(params), []
+  update = jax.jit(tx.update)
+  for _ in range(n):
+    u, state = update({'w': jnp.ones(())}, state, params)
+    rates.append(-float(u['w']))
+  for step, printed in ((1, first), (12, peak), (n, last)):
+    assert float(printed) == pytest.approx(closed[step], rel=5e-3, abs=1e-12)
+    assert float(printed) == pytest.approx(rates[step - 1], rel=5e-3, abs=1e-12)
+  assert max(rates) == pytest.approx(lr) and rates[-1] < 0.01 * lr
+  resolve(c, with_data=False)
+  assert capsys.readouterr() == ('', '')

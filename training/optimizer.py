@@ -53,6 +53,20 @@ def build_schedule(c: ml_collections.ConfigDict, num_steps: int) -> optax.Schedu
   raise ValueError(f"unknown optimizer.schedule {c.schedule!r}: use 'cosine', 'linear' or 'constant'")
 
 
+def describe_schedule(c: ml_collections.ConfigDict, num_steps: int) -> str:
+  """The learning rate `build_schedule` gives, in one line read from the schedule itself
+  (step s, counted from 1, trains at schedule(s - 1)), e.g. 'learning rate 0 at step 1, 0.001
+  at step 12 (after 11 warmup steps), cosine to 2.2e-07 at the last step 117'. Raises
+  ValueError for an unknown schedule."""
+  schedule = build_schedule(c, num_steps)
+  at = lambda step: f'{float(schedule(step - 1)):.3g} at '   # pylint: disable=unnecessary-lambda-assignment
+  warmup = min(c.warmup_steps, max(num_steps - 1, 0))
+  peak = (f', {at(warmup + 1)}step {warmup + 1} (after {warmup} warmup steps)'
+          if warmup else '')
+  return (f'learning rate {at(1)}step 1{peak}, {c.schedule} to {at(num_steps)}the last step '
+          f'{num_steps}')
+
+
 def param_path(keypath: Sequence[Any]) -> str:
   """'backbone/conv1/kernel' for a jax key path (dict keys, attribute names or indices)."""
   parts = []

@@ -11,7 +11,9 @@ reads the facts of the data it points at and fills, in this order, what was left
   3. steps from epochs (steps per epoch = train_examples // batch_size, at least 1; a step
      count > 0 wins): train.num_steps <- epochs, eval_every <- eval_every_epochs, checkpoint_every <-
      checkpoint_every_epochs (0: at the end); warmup = the smaller of warmup_steps and
-     warmup_epochs, of those > 0.
+     warmup_epochs, of those > 0; a warmup of num_steps or more (the run would end at the peak
+     rate) is cut to a tenth of the run, with a one-line warning. The learning rate is
+     printed as the optimizer runs it (`training.optimizer.describe_schedule`).
   4. optimizer.lr_batch_size > 0: learning_rate is per that many images, scaled linearly to
      input.batch_size (then lr_batch_size is set to 0: the rate is absolute).
   5. head and backbone kwargs: each head derives its own (`heads.registry.resolve_head_kwargs`,
@@ -26,6 +28,7 @@ idempotent (a resolved config, such as a workdir's config.json, resolves to itse
 derived fields first (`llc.ood`, ...) call it themselves. What was derived is printed once.
 """
 import dataclasses
+import sys
 
 import jax
 import ml_collections
@@ -63,15 +66,18 @@ def resolve(config: ConfigDict, *, with_data: bool = True,
   """Fills `config`'s derived fields from its data and its final values (module docstring);
   returns it. `with_data=False` (ahead-of-time compilation) opens no data: every fact must
   then be set. Raises ConfigError, or FileNotFoundError when the data is not there."""
-  notes = []
+  notes, warnings = [], []
   ds = config.dataset
   facts = _facts(ds) if with_data else None
   _dataset(ds, facts, notes)
   _normalisation(config, facts, notes)
-  _schedule(config, facts, notes)
+  _schedule(config, facts, notes, warnings)
   _modules(config, notes)
-  if notes and verbose and jax.process_index() == 0:
-    print('config derived: ' + '; '.join(notes), flush=True)
+  if jax.process_index() == 0:
+    if notes and verbose:
+      print('config derived: ' + '; '.join(notes), flush=True)
+    for warning in warnings:   # once: resolving again finds nothing to change
+      print(f'config warning: {warning}', file=sys.stderr, flush=True)
   return config
 
 
@@ -170,7 +176,7 @@ def _steps(epochs: float, per_epoch: float) -> int:
   return max(1, round(epochs * per_epoch))
 
 
-def _schedule(config: ConfigDict, facts, notes: list) -> None:
+def _schedule(config: ConfigDict, facts, notes: list, warnings: list) -> None:
   t, o, ds = config.train, config.optimizer, config.dataset
   uses_epochs = ((not t.num_steps and t.epochs) or (not t.eval_every and t.eval_every_epochs)
                  or (not t.checkpoint_every and t.checkpoint_every_epochs) or o.warmup_epochs)
@@ -192,16 +198,26 @@ def _schedule(config: ConfigDict, facts, notes: list) -> None:
     t.checkpoint_every = (min(_steps(t.checkpoint_every_epochs, per_epoch), t.num_steps)
                           if t.checkpoint_every_epochs else t.num_steps)
     notes.append(f'checkpoint_every {t.checkpoint_every}')
+  derived = len(notes) or o.warmup_epochs or o.lr_batch_size
   if o.warmup_epochs:
     warmup = _steps(o.warmup_epochs, per_epoch)
     o.warmup_steps = min(o.warmup_steps, warmup) if o.warmup_steps else warmup
     o.warmup_epochs = 0.0   # done: warmup_steps is the record
-    notes.append(f'warmup_steps {o.warmup_steps}')
+  if o.warmup_steps >= t.num_steps:   # all warmup: the run would end at the peak rate
+    cut = t.num_steps // 10
+    warnings.append(
+        f'optimizer.warmup_steps {o.warmup_steps} >= train.num_steps {t.num_steps}: the whole '
+        f'run would be warmup and end at the peak learning rate; cut to {cut} (a tenth of the '
+        f'run). Set --config.optimizer.warmup_steps=N with N < {t.num_steps} to choose.')
+    o.warmup_steps = cut
   if o.lr_batch_size:
     rate = o.learning_rate * config.input.batch_size / o.lr_batch_size
     notes.append(f'learning_rate {rate:g} ({o.learning_rate:g} per {o.lr_batch_size} images '
                  f'at batch {config.input.batch_size})')
     o.learning_rate, o.lr_batch_size = rate, 0
+  if derived or warnings:   # the schedule as the optimizer will run it
+    from training.optimizer import describe_schedule
+    notes.append(describe_schedule(o, t.num_steps))
 
 
 def _modules(config: ConfigDict, notes: list) -> None:
