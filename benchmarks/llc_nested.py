@@ -123,5 +123,5 @@ if __name__ == '__main__':
   _TRAINED = flags.DEFINE_multi_string('trained', [], 'm=DIR: phase-2 workdir trained at m '
                                        'bits, with its llc_eval.json (repeatable)')
   flags.mark_flags_as_required(['config', 'workdir', 'sizes'])
-  from launch import cli   # --config defaults to the workdir's config.json
+  from training import cli   # --config defaults to the workdir's config.json
   cli.run(main)

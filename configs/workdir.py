@@ -7,7 +7,7 @@ r"""The config a workdir was trained with: its `config.json`, as a config file.
 
 Read-only tools (`--mode=eval`, `llc.evaluate`, `llc.ood`, `llc.taxonomy`,
 `evaluation.reference_probs`, ...) given no `--config` use this one
-(`launch.cli.default_to_workdir`), so nothing given at training time has to be repeated. The
+(`training.cli.default_to_workdir`), so nothing given at training time has to be repeated. The
 saved config is already resolved (`training.resolve`): its data facts and derived values are
 what the run used.
 """

@@ -147,5 +147,5 @@ if __name__ == '__main__':
   _NAME = flags.DEFINE_string('name', '', 'dataset name in the results (default: the dir name)')
   flags.mark_flags_as_required(['workdir', 'data_dir'])
 
-  from launch import cli   # quiet library logs; a ValueError here is a user's mistake: one line
+  from training import cli   # quiet library logs; a ValueError here is a user's mistake: one line
   cli.run(main, {}, user_errors_too=(ValueError,))

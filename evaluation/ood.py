@@ -156,5 +156,5 @@ if __name__ == '__main__':
   _OUT = flags.DEFINE_string('out', '', 'write the rows as JSON here')
   flags.mark_flags_as_required(['workdir'])
 
-  from launch import cli   # quiet library logs; a ValueError here is a user's mistake: one line
+  from training import cli   # quiet library logs; a ValueError here is a user's mistake: one line
   cli.run(main, {}, user_errors_too=(ValueError,))

@@ -73,5 +73,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'trained workdir (latest checkpoint)')
   flags.DEFINE_string('out', None, '.npy file to write')
   flags.mark_flags_as_required(['config', 'workdir', 'out'])
-  from launch import cli   # --config defaults to the workdir's config.json
+  from training import cli   # --config defaults to the workdir's config.json
   cli.run(main)

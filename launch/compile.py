@@ -255,6 +255,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from launch import cli   # quiet library logs
+  from training import cli   # quiet library logs
   _define_flags()
   cli.run(main, {})

@@ -8,7 +8,7 @@ r"""Trains and evaluates, or evaluates a checkpoint.
 
 A config with `runs` (`:compare` above: DET and HET-XL) trains or evaluates each run in
 `<workdir>/<name>` and ends with a side-by-side table (`launch.runs`). Library logs are quiet
-unless `--verbosity=0` (`launch.cli`).
+unless `--verbosity=0` (`training.cli`).
 
 Without --config, the workdir's saved config.json is used (`configs.workdir`): for
 --mode=eval, and to resume a run as it was. The config is resolved against its data
@@ -22,7 +22,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from launch.distributed import initialize_distributed
+from training.distributed import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:args]',
                                           lock_config=True)
@@ -46,5 +46,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from launch import cli   # one-line errors for bad input; --config defaults to the workdir's
+  from training import cli   # one-line errors for bad input; --config defaults to the workdir's
   cli.run(main)

@@ -120,5 +120,5 @@ if __name__ == '__main__':
   _SEED = flags.DEFINE_integer('seed', 0, 'random: generator seed')
   _MAX = flags.DEFINE_integer('max_examples', 0, 'cca: training examples used (0 = all)')
   flags.mark_flags_as_required(['kind', 'bits', 'out'])
-  from launch import cli   # cca: --config defaults to the DET workdir's config.json
+  from training import cli   # cca: --config defaults to the DET workdir's config.json
   cli.run(main, {'config': 'det_workdir'})

@@ -35,7 +35,7 @@ from evaluation.collect import collect
 from evaluation.from_checkpoint import restore_checkpoint
 from heads.base import INTERMEDIATES
 from input_pipeline.sources import build_source
-from launch.distributed import initialize_distributed
+from training.distributed import initialize_distributed
 from llc import codebook_io, codes, retrieval
 from llc.heads import CLASS_CODES, CODES
 from training.experiment import Experiment
@@ -143,5 +143,5 @@ if __name__ == '__main__':
   _TOPK = flags.DEFINE_integer('retrieval_topk', 0, 'phase 2: MAP@R of test queries against '
                                'the training split (0: skip)')
   flags.mark_flags_as_required(['config', 'workdir'])
-  from launch import cli   # --config defaults to the workdir's config.json
+  from training import cli   # --config defaults to the workdir's config.json
   cli.run(main)

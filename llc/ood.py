@@ -193,7 +193,7 @@ def plot(record: dict, path: str) -> None:
 def main(argv) -> None:
   del argv
   import jax
-  from launch.distributed import initialize_distributed
+  from training.distributed import initialize_distributed
   initialize_distributed()
   from training.json_file import write_json
   from training.resolve import resolve   # held-out classes follow from the data's K
@@ -223,5 +223,5 @@ if __name__ == '__main__':
   _REPEATS = flags.DEFINE_integer('repeats', 20, 'draws of the tuning samples per n')
   _OUT = flags.DEFINE_string('out', '/tmp/llc_ood', 'where ood.json and ood.png go')
   flags.mark_flags_as_required(['config', 'workdir'])
-  from launch import cli   # --config / --det_config default to their workdirs' config.json
+  from training import cli   # --config / --det_config default to their workdirs' config.json
   cli.run(main, {'config': 'workdir', 'det_config': 'det_workdir'})

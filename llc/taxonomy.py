@@ -147,5 +147,5 @@ if __name__ == '__main__':
   _SUPER = flags.DEFINE_enum('superclasses', '', ['', *SUPERCLASSES],
                              'report the agreement of a cut with these known superclasses')
   flags.mark_flags_as_required(['codebook', 'config', 'out'])
-  from launch import cli
+  from training import cli
   cli.run(main, {})

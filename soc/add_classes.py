@@ -161,5 +161,5 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir', 'new_workdir', 'new_classes'])
-  from launch import cli   # --config defaults to the workdir's config.json
+  from training import cli   # --config defaults to the workdir's config.json
   cli.run(main)

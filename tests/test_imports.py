@@ -1,6 +1,7 @@
 """Package dependency rules, read from every module's import statements (`ast`, nothing is
 imported): every arrow points one way. Configs and launch sit above the libraries and name
-them; no library imports a config, and evaluation sits above training (it restores and runs
+them; no library imports a config or launch (a library's own command-line entry point, such as
+`python -m evaluation.ood`, uses `training.cli`), and evaluation sits above training (it restores and runs
 trained models), so training never imports evaluation: the train loop that uses both is
 `launch/train.py`."""
 import ast
@@ -16,6 +17,8 @@ LIBRARIES = ('backbones', 'heads', 'hetxl', 'llc', 'soc', 'input_pipeline', 'tra
 # rule name: ((package, packages it must not import), ...)
 RULES = {
     'libraries do not import configs': tuple((lib, ('configs',)) for lib in LIBRARIES),
+    # the tools' shared command-line helpers are `training.cli` and `training.distributed`
+    'libraries do not import launch': tuple((lib, ('launch',)) for lib in LIBRARIES),
     'llc does not import configs': (('llc', ('configs',)),),
     'training does not import evaluation': (('training', ('evaluation',)),),
 }

@@ -1,5 +1,7 @@
-"""What every command-line tool of the project shares: the config defaults to the workdir's,
-a user's mistake ends in one line, not a traceback, and library logs stay quiet.
+"""What every command-line tool of the project shares (`launch.main` and the libraries' own
+entry points such as `python -m evaluation.ood`; it sits in `training` so that no library
+imports `launch`): the config defaults to the workdir's, a user's mistake ends in one line,
+not a traceback, and library logs stay quiet.
 
 Quiet: without `--verbosity` (`-v`) logging is at WARNING, so a tool prints its own
 progress, eval and error lines and any warning, not the INFO lines of orbax, JAX, absl and the
@@ -30,7 +32,7 @@ def user_errors() -> tuple:
           FloatingPointError, LabelError, ConfigError)
 
 
-# The config file that loads a workdir's saved config, named by path (launch imports no config).
+# The config file that loads a workdir's saved config, named by path (no library imports a config).
 WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               'configs', 'workdir.py')
 
