@@ -24,6 +24,7 @@ from training.checkpointing import Checkpointer, check_signature
 from training.experiment import Experiment
 from training.mesh import batch_sharding
 from training.metric_writer import MetricWriter
+from training.progress import LOG_EVERY_S, clock_time, timed
 from training.state import TrainState, create_state, param_count
 from training.train_step import make_train_step
 from training.warm_start import warm_start
@@ -92,7 +93,7 @@ class StepMetrics:
 def _progress(step: int, num_steps: int, metrics: dict, steps_per_sec: float,
               batch_size: int) -> str:
   """One line: step, every metric of the step (loss first), speed, ETA."""
-  eta = time.strftime('%H:%M:%S', time.gmtime((num_steps - step) / max(steps_per_sec, 1e-9)))
+  eta = clock_time((num_steps - step) / max(steps_per_sec, 1e-9))
   values = ''.join(f' | {k} {v:.4g}' for k, v in metrics.items())   # 4 significant digits
   return (f'step {step}/{num_steps}{values} | {steps_per_sec:.2f} steps/s | '
           f'{steps_per_sec * batch_size:.0f} img/s | ETA {eta}')
@@ -161,7 +162,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   # ----- Compile once up front, so an out-of-memory shows before step 1.
   eval_step = make_eval_step(exp.model, exp.mesh, exp.shardings)
   batch = to_global(next(train_iter), data_sharding)
-  train_step = make_train_step(exp).lower(state, batch).compile()
+  with timed('compiling the train step'):
+    train_step = make_train_step(exp).lower(state, batch).compile()
   memory = train_step.memory_analysis()
   if memory is not None:
     logging.info('train step memory: args %.1f MiB, temps %.1f MiB',
@@ -173,17 +175,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   step_metrics = StepMetrics(writer, config.train.log_every)
   step_metrics.last_saved = start or None
   t0, s0 = time.time(), start
+  printed = t0   # progress: every log_every steps, after the first step and at least every 30 s
   for step in range(start + 1, num_steps + 1):
     if step > start + 1:
       batch = to_global(next(train_iter), data_sharding)
     state, metrics = train_step(state, batch)
     step_metrics.add(step, metrics)
 
-    if step % config.train.log_every == 0 or step == num_steps:
-      rate = (step - s0) / max(time.time() - t0, 1e-9)
-      writer.write(step, {'perf/steps_per_sec': rate, 'perf/images_per_sec': rate * batch_size})
-      print(_progress(step, num_steps, step_metrics.read(step, metrics), rate, batch_size),
-            flush=True)
+    logged = step % config.train.log_every == 0 or step == num_steps
+    if logged or step == start + 1 or time.time() - printed >= LOG_EVERY_S:
+      host = step_metrics.read(step, metrics)   # waits for the step: the rate includes it
+      printed = time.time()
+      rate = (step - s0) / max(printed - t0, 1e-9)
+      if logged:
+        writer.write(step, {'perf/steps_per_sec': rate, 'perf/images_per_sec': rate * batch_size})
+      print(_progress(step, num_steps, host, rate, batch_size), flush=True)
 
     stop = preemption.raised or ckpt.reached_preemption(step)
     if step % config.train.checkpoint_every == 0 or step == num_steps or stop:

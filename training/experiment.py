@@ -17,6 +17,7 @@ from input_pipeline.sources import DatasetInfo, Subset, build_source
 from training.mesh import batch_sharding, build_mesh
 from training.model import build_model
 from training.optimizer import build_optimizer, build_schedule
+from training.progress import Reported
 from training.state import TrainState, abstract_params, state_shardings
 
 
@@ -111,12 +112,14 @@ class Experiment:
     return self.model.head.text_input
 
   def eval_dataset(self, source: Any = None):
-    """One padded pass over the eval split (or over `source`, preprocessed the same way)."""
+    """One padded pass over the eval split (or over `source`, preprocessed the same way),
+    its progress reported (`training.progress`: a pass of more than 30 s is not silent)."""
     c = self.config
-    return eval_dataset(self.eval_source if source is None else source,
-                        global_batch=c.input.eval_batch_size,
-                        eval_mode=c.input.eval_preprocess, image_size=c.input.image_size,
-                        channels=c.dataset.channels, num_workers=c.input.num_workers)[0]
+    dataset, num_batches = eval_dataset(
+        self.eval_source if source is None else source, global_batch=c.input.eval_batch_size,
+        eval_mode=c.input.eval_preprocess, image_size=c.input.image_size,
+        channels=c.dataset.channels, num_workers=c.input.num_workers)
+    return Reported(dataset, num_batches, 'eval' if source is None else 'features')
 
   def abstract_restore_target(self) -> TrainState:
     """The state as ShapeDtypeStructs carrying their shardings (restore target; AOT lowering)."""
