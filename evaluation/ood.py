@@ -114,19 +114,54 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, specs: Seq
 
 def table(rows: list[dict]) -> str:
   """Markdown, one line per (head, OOD data): AUROC / AUPR / FPR95 of each shared score and
-  of the head's own."""
+  of the head's own; then what a cell means and its trivial baseline, and notes on what the
+  numbers cannot say by themselves (`notes`)."""
   groups = {}
   for r in rows:
     groups.setdefault((r['head'], r['ood']), {})[r['score']] = r
-  cell = lambda r: f"{r['auroc']:.3f} / {r['aupr']:.3f} / {r['fpr95']:.3f}"
-  lines = ['| head | OOD data | in / out | ' + ' | '.join(SHARED) + ' | own score |',
-           '|---|---|---|' + '---|' * (len(SHARED) + 1)]
+  cell = lambda r: (f"{r['auroc']:.3f}{' (reversed)' if r['auroc'] < 0.5 else ''} / "
+                    f"{r['aupr']:.3f} / {r['fpr95']:.3f}")
+  lines = ['| head | OOD data | in / out | chance AUPR | ' + ' | '.join(SHARED) +
+           ' | own score |', '|---|---|---|---|' + '---|' * (len(SHARED) + 1)]
   for (head, data), scores in groups.items():
     own = [f'{k}: {cell(r)}' for k, r in scores.items() if k not in SHARED]
     first = next(iter(scores.values()))
-    lines.append(f"| {head} | {data} | {first['num_in']} / {first['num_out']} | " +
+    lines.append(f"| {head} | {data} | {first['num_in']} / {first['num_out']} | "
+                 f"{chance_aupr(first):.3f} | " +
                  ' | '.join(cell(scores[k]) for k in SHARED) + f" | {'; '.join(own) or '-'} |")
-  return '\n'.join(['cells: AUROC / AUPR / FPR95 (OOD positive)', *lines])
+  legend = ('cells: AUROC / AUPR / FPR95, OOD positive. A random score (chance) '
+            'has AUROC 0.500, FPR95 0.950 and AUPR the OOD share of the pool ("chance AUPR").')
+  return '\n'.join([legend, *lines, *(f'note: {n}' for n in notes(rows))])
+
+
+def chance_aupr(row: dict) -> float:
+  """The AUPR of a random score (its expectation): the OOD share of the pool."""
+  return row['num_out'] / (row['num_in'] + row['num_out'])
+
+
+def notes(rows: list[dict]) -> list[str]:
+  """What `table`'s cells cannot say by themselves: scores that run backwards (AUROC < 0.5:
+  the in-distribution images score as more OOD; the flipped score's AUROC is 1 - AUROC) and
+  scores whose cells coincide (they order the examples the same way)."""
+  out, groups = [], {}
+  for r in rows:
+    groups.setdefault((r['head'], r['ood']), []).append(r)
+  for (head, data), group in groups.items():
+    backwards = [f"{r['score']} ({r['auroc']:.3f})" for r in group if r['auroc'] < 0.5]
+    if backwards:
+      out.append(f'{head} on {data}: AUROC < 0.5 for {", ".join(backwards)}: the score runs '
+                 'backwards, these in-distribution images look more OOD than the OOD ones '
+                 '(flipped, it would reach 1 - AUROC; 0.000 is a full separation the other way '
+                 'round)')
+    same = {}
+    for r in group:
+      same.setdefault((r['auroc'], r['aupr'], r['fpr95']), []).append(r['score'])
+    for names in same.values():
+      if len(names) > 1:
+        out.append(f'{head} on {data}: {" = ".join(names)}, identical cells: the scores order '
+                   'the examples the same way (e.g. HET / HET-XL logits are log MC-mean '
+                   'probabilities, so max_logit ranks as msp and entropy is mc_entropy)')
+  return out
 
 
 def main(argv) -> None:

@@ -126,3 +126,32 @@ def test_bad_ood_spec_is_one_clear_error(spec, message):
   config = schema.base_config()
   with pytest.raises(ValueError, match=message):
     ood.ood_dataset(config, spec)
+
+
+def test_table_states_chance_and_flags_backwards_and_coinciding_scores():
+  """Issue 28 point 4: the chance baselines the legend states are what a random score gets
+  (brute force on 30k random scores); a score with AUROC < 0.5 is marked reversed and named
+  in a note; two scores that rank the examples the same way (max_logit = log of msp here)
+  are named as coinciding; the chance AUPR is the OOD share of the pool."""
+  rng = np.random.default_rng(0)
+  random = ood.detection_metrics(rng.random(20_000), rng.random(10_000))
+  assert random['auroc'] == pytest.approx(0.5, abs=0.01)
+  assert random['aupr'] == pytest.approx(1 / 3, abs=0.01)
+  assert random['fpr95'] == pytest.approx(0.95, abs=0.01)
+  p_in, p_out = np.array([0.9, 0.8, 0.7, 0.2]), np.array([0.6, 0.3, 0.1])
+  scores = {'msp': (-p_in, -p_out), 'max_logit': (-np.log(p_in), -np.log(p_out)),
+            'entropy': (p_in, -p_out)}   # runs backwards: in-distribution scores higher
+  rows = [{'head': 'hetxl', 'ood': 'heldout', 'score': k, 'num_in': 4, 'num_out': 3,
+           **ood.detection_metrics(*v)} for k, v in scores.items()]
+  text = ood.table(rows)
+  assert 'AUROC 0.500, FPR95 0.950' in text
+  line = next(l for l in text.splitlines() if l.startswith('| hetxl'))
+  cells = [c.strip() for c in line.split('|')[1:-1]]
+  assert cells[3] == f'{3 / 7:.3f}'                       # chance AUPR
+  msp, entropy, max_logit = cells[4:7]                   # ood.SHARED's order
+  assert msp == max_logit == '0.833 / 0.806 / 0.250'      # 10 of 12 (in, out) pairs ordered
+  auroc_entropy = rows[2]['auroc']
+  assert auroc_entropy < 0.5 and entropy.startswith(f'{auroc_entropy:.3f} (reversed)')
+  assert 'note: hetxl on heldout: AUROC < 0.5 for entropy (0.000): the score runs backwards' in text
+  assert 'note: hetxl on heldout: msp = max_logit, identical cells' in text
+  assert ood.notes([r for r in rows if r['score'] == 'msp']) == []
