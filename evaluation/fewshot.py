@@ -14,7 +14,8 @@ least-squares classifier is solved in closed form on them:
   there are fewer examples than dimensions), prediction argmax_k (x W)_k;
 scored by top-1 accuracy on the whole test split (`--max_test` caps it, a seeded subset). As
 big_vision: fixed l2 = 2^10, seeds 0..2, shots 1/5/10/25 (a class with fewer training images
-than n uses all it has). Prints one JSON line, writes `W/fewshot_<name>.json` and TensorBoard
+than n uses all it has, and the record's `notes` say so). `majority_baseline`: the accuracy
+of always answering the test split's most common class. Prints one JSON line, writes `W/fewshot_<name>.json` and TensorBoard
 scalars `fewshot/<name>_<n>shot` (mean over seeds) at the checkpoint's step.
 """
 import json
@@ -67,6 +68,27 @@ def draw_shots(labels: np.ndarray, num_classes: int, shots: int, seed: int) -> n
   return np.concatenate([idx[:shots] for idx in per_class])
 
 
+def shot_notes(labels: np.ndarray, num_classes: int, shots: Sequence[int],
+               seeds: int) -> list[str]:
+  """A line for each n in `shots` that the training labels cannot honour: classes with fewer
+  than n images use all they have, and when no class has more than n, every seed draws
+  the same images (the n-shot result is then a whole-train-split result)."""
+  counts = np.bincount(np.asarray(labels), minlength=num_classes)
+  out = []
+  for n in shots:
+    if counts.max() <= n and n > counts.min():
+      out.append(f'{n}-shot: no class has more than {counts.max()} training images (fewest '
+                 f'{counts.min()}), so every class uses all it has: this is the whole train '
+                 f'split, not {n} per class, and the {seeds} seeds draw the same images')
+    elif counts.min() < n:
+      out.append(f'{n}-shot: {int((counts < n).sum())} of {num_classes} classes have fewer '
+                 f'than {n} training images (fewest {counts.min()}); they use all they have')
+    elif counts.max() == n and seeds > 1:
+      out.append(f'{n}-shot: every class has exactly {n} training images, so the {seeds} '
+                 'seeds draw the same images')
+  return out
+
+
 class _Take:
   """The examples of `source` at `indices`, in that order."""
 
@@ -109,8 +131,10 @@ def evaluate_fewshot(config: ml_collections.ConfigDict, workdir: str, data_dir: 
         train_out['pre_logits'][rows], train_out['label'][rows], test_out['pre_logits'],
         test_out['label'], k, l2))
   name = name or os.path.basename(os.path.normpath(data_dir))
+  majority = np.bincount(test_out['label'], minlength=k).max() / len(test_out['label'])
   return {'step': int(step), 'dataset': name, 'data_dir': data_dir, 'num_classes': k,
           'num_test': int(len(test_out['label'])), 'l2_reg': l2, 'seeds': seeds,
+          'majority_baseline': float(majority), 'notes': shot_notes(labels, k, shots, seeds),
           'pre_logits_dim': int(test_out['pre_logits'].shape[1]),
           **{f'{name}_{n}shot': float(np.mean(v)) for n, v in results.items()},
           **{f'{name}_{n}shot_per_seed': v for n, v in results.items()},
@@ -129,6 +153,8 @@ def main(argv) -> None:
                             _MAX_TEST.value, _NAME.value)
   if jax.process_index() == 0:
     print(json.dumps(record), flush=True)
+    for note in record['notes']:
+      print(f'note: {note}', flush=True)
     write_json(os.path.join(_WORKDIR.value, f"fewshot_{record['dataset']}.json"), record)
     writer = MetricWriter(_WORKDIR.value)
     writer.write(record['step'], {f'fewshot/{k}': v for k, v in record.items()

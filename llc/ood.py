@@ -159,13 +159,45 @@ def evaluate_ood(config: ml_collections.ConfigDict, workdir: str,
 
 
 def markdown(record: dict) -> str:
+  """The table (detection accuracy, % mean +- std over the draws, per n), the accuracy of a
+  constant answer on the pool (the trivial baselines), and `notes`."""
   names = [k for k in record['rows'][0] if k != 'n']
   lines = ['| n tuning samples | ' + ' | '.join(names) + ' |',
            '|---:|' + '---:|' * len(names)]
   for row in record['rows']:
     lines.append(f'| {row["n"]} | ' + ' | '.join(
         f'{100 * row[k][0]:.2f} +- {100 * row[k][1]:.2f}' for k in names) + ' |')
-  return '\n'.join(lines)
+  share = _ood_share(record)
+  lines.append(f'trivial baselines: everything OOD {100 * share:.2f}, nothing OOD '
+               f'{100 * (1 - share):.2f} (the pool\'s OOD share and its complement)')
+  return '\n'.join(lines + [f'note: {n}' for n in notes(record)])
+
+
+def _ood_share(record: dict) -> float:
+  pool = record['pool']
+  return pool['ood'] / (pool['ood'] + pool['in_distribution'])
+
+
+def notes(record: dict) -> list[str]:
+  """What the table cannot say by itself: LLC saying 'no match' for most in-distribution
+  images (its accuracy is then about the everything-OOD share, not detection), and columns
+  that never beat a constant answer by more than a point."""
+  out = []
+  no_match = record['llc_no_match_rate']['in_distribution']
+  share = _ood_share(record)
+  if no_match > 0.5:
+    out.append(f"LLC finds no matching class code for {100 * no_match:.1f}% of the "
+               f"in-distribution images (and {100 * record['llc_no_match_rate']['ood']:.1f}% of "
+               f"the OOD ones): its column is close to 'everything OOD' ({100 * share:.2f}), "
+               'not a detector; its instance codes rarely hit a class code exactly (train '
+               'phase 2 longer, or use fewer bits)')
+  trivial = max(share, 1 - share)
+  for name in (k for k in record['rows'][0] if k != 'n'):
+    best = max(row[name][0] for row in record['rows'])
+    if best <= trivial + 0.01:
+      out.append(f'{name} never beats a constant answer by more than a point (best '
+                 f'{100 * best:.2f} vs {100 * trivial:.2f})')
+  return out
 
 
 def plot(record: dict, path: str) -> None:

@@ -51,3 +51,21 @@ def test_draw_shots_per_class_and_seeded():
   # the 1-shot draw is the first of the same per-class permutation (nested draws)
   one = fewshot.draw_shots(labels, 3, 1, seed=0)
   assert set(one.tolist()) <= set(idx.tolist())
+
+
+def test_shot_notes_say_when_a_shot_count_cannot_be_honoured():
+  """Issue 28 point 4: 15 images per class cannot give 25 shots; every seed then draws the
+  same images (checked on draw_shots itself), which the note says; a 5-shot draw with one
+  class of 3 images names that class count; an honoured setting gets no note."""
+  balanced = np.repeat(np.arange(4), 15)
+  notes = fewshot.shot_notes(balanced, 4, (1, 5, 15, 25), seeds=3)
+  assert notes[0] == ('15-shot: every class has exactly 15 training images, so the 3 seeds '
+                      'draw the same images')
+  assert len(notes) == 2 and notes[1].startswith('25-shot: no class has more than 15 ')
+  assert 'the 3 seeds draw the same images' in notes[1]
+  draws = [np.sort(fewshot.draw_shots(balanced, 4, 25, seed=s)) for s in range(3)]
+  assert all(np.array_equal(d, np.arange(60)) for d in draws)
+  uneven = np.array([0] * 10 + [1] * 3 + [2] * 7)
+  assert fewshot.shot_notes(uneven, 3, (1, 3, 5), seeds=2) == [
+      '5-shot: 1 of 3 classes have fewer than 5 training images (fewest 3); they use all '
+      'they have']

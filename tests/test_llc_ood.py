@@ -51,6 +51,31 @@ def test_compare_scores_on_the_untuned_rest():
   assert rows[0]['sep'][0] > 0.8                                # 10 samples: already close
 
 
+def test_markdown_states_the_trivial_baselines_and_flags_an_llc_that_never_matches():
+  """Issue 28 point 4: LLC says 'no match' for 99.9% of in-distribution images, so its
+  detection accuracy is the pool's OOD share, which the table now states beside 'nothing
+  OOD'; a note names the no-match rate, and another each column (LLC, a noise score) that
+  never beats a constant answer by a point; a separable score gets no note."""
+  rng = np.random.default_rng(0)
+  is_ood = rng.random(2000) < 0.3
+  flags = is_ood | (rng.random(2000) < 0.999)
+  separable = np.where(is_ood, rng.uniform(0, 0.4, 2000), rng.uniform(0.6, 1, 2000))
+  rows = ood.compare(flags, {'msp_det': separable, 'msp_llc': rng.random(2000)}, is_ood,
+                     sizes=(100, 1000), repeats=3)
+  share = is_ood.mean()
+  assert rows[-1]['llc'][0] == pytest.approx(share, abs=0.01)   # the everything-OOD answer
+  record = {'pool': {'in_distribution': int((~is_ood).sum()), 'ood': int(is_ood.sum())},
+            'llc_no_match_rate': {'in_distribution': float(flags[~is_ood].mean()),
+                                  'ood': 1.0}, 'rows': rows}
+  text = ood.markdown(record)
+  assert (f'trivial baselines: everything OOD {100 * share:.2f}, nothing OOD '
+          f'{100 * (1 - share):.2f}') in text
+  assert f'note: LLC finds no matching class code for {100 * flags[~is_ood].mean():.1f}%' in text
+  assert 'note: llc never beats a constant answer' in text
+  assert 'note: msp_llc never beats a constant answer' in text
+  assert 'msp_det never' not in text
+
+
 def test_hold_out_classes_partitions_seeded_and_checks_fraction():
   c = base.hold_out_classes(resolved_config('llc_caltech101.py', 'phase=1'), 0.25)
   assert c.dataset.num_classes == 76 and len(c.dataset.ood_classes) == 25
@@ -111,4 +136,6 @@ def test_digits_end_to_end_against_the_workdirs_own_evaluations(tmp_path):
       assert 0 <= row[name][0] <= 1
   ood.plot(record, str(tmp_path / 'ood.png'))
   assert os.path.getsize(tmp_path / 'ood.png') > 1000
-  assert ood.markdown(record).count('\n') == len(record['rows']) + 1
+  lines = ood.markdown(record).splitlines()   # header, rule, a line per n, the baselines
+  assert sum(line.startswith('| ') for line in lines) == len(record['rows']) + 1
+  assert lines[len(record['rows']) + 2].startswith('trivial baselines: everything OOD')
