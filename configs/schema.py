@@ -51,6 +51,16 @@ def base_config() -> ConfigDict:
   c.input.std = ()                 #   pixel_stats of the train split), else 0.5
   c.input.num_workers = 0          # grain mp_prefetch workers per process; 0 = in-process
   c.input.shuffle = True
+  # Training reader (input_pipeline.pipeline.choose_reader; the log says which and why):
+  # 'global' = an exact global shuffle, every process reading every shard (small data);
+  # 'sharded' = each process reads only its own shards, interleaved and window-shuffled
+  # (memory and start-up O(shards)); 'auto' = sharded above `sharded_above` train records.
+  c.input.reader = 'auto'          # auto | global | sharded
+  c.input.sharded_above = 1_000_000
+  c.input.shard_streams = 0        # sharded: streams per process; 0 = max(1, num_workers) (a
+                                   #   resume keeps the saved count; workers must divide it)
+  c.input.shards_interleaved = 16  # sharded: shards each stream reads at once
+  c.input.shuffle_window = 1024    # sharded: examples (raw records) each stream shuffles within
 
   c.model = ConfigDict()
   c.model.backbone = 'convnet'
@@ -58,6 +68,11 @@ def base_config() -> ConfigDict:
   c.model.head = 'softmax'
   c.model.head_kwargs = ConfigDict()
   c.model.dtype = 'float32'        # computation dtype of the backbone
+  # Heads that pad their class dimension (`heads.base.Head.pads_classes`) pad K up to a
+  # multiple of this, so an odd K splits over the 'model' mesh axis; padded classes are masked
+  # out of every probability, loss and prediction. 0 = auto: 128 x the 'model' axis when it is
+  # > 1 (each device's share a multiple of the TPU's 128 lanes), else no padding.
+  c.model.class_multiple = 0
 
   c.optimizer = ConfigDict()
   c.optimizer.name = 'adam'        # adam | adamw | sgd
@@ -100,6 +115,17 @@ def base_config() -> ConfigDict:
   c.eval.max_examples = 0          # 0: the whole eval split
 
   c.mesh = ConfigDict()
-  c.mesh.axes = ('data', 'model')
-  c.mesh.shape = (-1, 1)           # -1: all remaining devices
+  c.mesh.axes = ('data', 'model')  # the batch splits over all; head classes over 'model'
+  c.mesh.shape = (-1, 1)           # -1: all remaining devices (per slice with dcn_shape)
+  c.mesh.dcn_shape = ()            # multi-slice: slices per axis, e.g. (2, 1, 1) with axes
+                                   #   ('replica', 'data', 'model'): JAX's hybrid mesh (HSDP)
+
+  # Parameter sharding (training/sharding.py): ((regex, tactic), ...) on parameter paths such
+  # as 'backbone/blocks/MlpBlock_0/Dense_0/kernel' (re.fullmatch, first match wins, unmatched
+  # replicated); tactics 'replicate', 'fsdp(axes=("data",), min_size_mb=4)' (FSDP: split
+  # the largest dimension it divides; default axes: all but 'replica'), 'shard_dim(dim=0,
+  # axes=("data",))'. Head class dimensions are on 'model' whatever the tactic; optimizer
+  # moments follow their parameters.
+  c.sharding = ConfigDict()
+  c.sharding.rules = (('.*', 'replicate'),)
   return c

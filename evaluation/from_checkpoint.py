@@ -17,7 +17,8 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   none, or not that step."""
   exp = Experiment.build(config)
   variables, step = restore_variables(workdir, exp.abstract_restore_target(), step,
-                                      hint='train first with --mode=train')
+                                      hint='train first with --mode=train',
+                                      layout=exp.class_layout)
   return exp, variables, step
 
 

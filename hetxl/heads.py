@@ -64,7 +64,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from heads.base import (LINKS, METRICS, Head, HeadOutput, class_sharded, link_loss,
-                        sigmoid_cross_entropy, sigmoid_targets)
+                        real_classes, sigmoid_cross_entropy, sigmoid_targets)
 from heads.temperature import BoundedTemperature
 from hetxl import mc, quadrature
 
@@ -79,13 +79,15 @@ class _DenseParams(nn.Module):
   features: int
   shard_classes: bool = False
   bias_value: float = 0.0
+  real_features: Optional[int] = None   # a padded class dimension: its real columns
 
   @nn.compact
   def __call__(self) -> Tuple[jax.Array, jax.Array]:
     kernel_init = nn.initializers.lecun_normal()
     bias_init = nn.initializers.constant(self.bias_value)
     if self.shard_classes:
-      kernel_init, bias_init = class_sharded(kernel_init), class_sharded(bias_init, ndim=1)
+      kernel_init = class_sharded(kernel_init, num_classes=self.real_features)
+      bias_init = class_sharded(bias_init, ndim=1, num_classes=self.real_features)
     kernel = self.param('kernel', kernel_init, (self.in_features, self.features), jnp.float32)
     bias = self.param('bias', bias_init, (self.features,), jnp.float32)
     return kernel, bias
@@ -109,20 +111,28 @@ class NoiseScales(NamedTuple):
 
 
 def noise_layers(in_features: int, n: int, num_factors: int, parameter_efficient: bool,
-                 shard: bool = False) -> Callable[[jax.Array, Any], NoiseScales]:
+                 shard: bool = False, real_n: Optional[int] = None
+                 ) -> Callable[[jax.Array, Any], NoiseScales]:
   """Creates the noise layers inside the calling compact module (edward2's names:
   `scale_layer` or `scale_layer_homoscedastic` + `scale_layer_heteroscedastic`, and
   `diag_layer`) and returns `scales(x [B, in_features], compute_dtype) -> NoiseScales`.
+  `real_n` < n: n is a padded class dimension whose first `real_n` entries are real (their
+  initial values are those of the unpadded layers, the padding starts at 0).
 
   Shared by the HET / HET-XL heads and the contrastive HET-XL head (`hetxl.contrastive`).
   """
   R = num_factors
+  real = lambda m: None if real_n is None else real_n * m
   if R and parameter_efficient:
-    hom_k, hom_b = _DenseParams(R, n, shard, name='scale_layer_homoscedastic')()
-    het_k, het_b = _DenseParams(in_features, n, shard, name='scale_layer_heteroscedastic')()
-  elif R:
-    scale_k, scale_b = _DenseParams(in_features, n * R, shard, name='scale_layer')()
-  diag_k, diag_b = _DenseParams(in_features, n, shard, name='diag_layer')()
+    hom_k, hom_b = _DenseParams(R, n, shard, real_features=real(1),
+                                name='scale_layer_homoscedastic')()
+    het_k, het_b = _DenseParams(in_features, n, shard, real_features=real(1),
+                                name='scale_layer_heteroscedastic')()
+  elif R:   # [in, n * R] n-major: the first real_n * R columns are the real classes'
+    scale_k, scale_b = _DenseParams(in_features, n * R, shard, real_features=real(R),
+                                    name='scale_layer')()
+  diag_k, diag_b = _DenseParams(in_features, n, shard, real_features=real(1),
+                                name='diag_layer')()
 
   def scales(x: jax.Array, cd: Any) -> NoiseScales:
     d = jax.nn.softplus(_mm('bd,dn->bn', x, diag_k, cd) + diag_b) + MIN_SCALE     # [B, n]
@@ -251,13 +261,15 @@ class _HeteroscedasticHead(Head):
 
   rng_streams = (RNG_DIAG, RNG_R)
   sows = {METRICS: ('temperature',)}     # with learn_temperature
+  pads_classes = True    # mu's padded classes sit at PADDED_LOGIT, so every sample's do too
   _latent_noise = False
 
   def __call__(self, x: jax.Array, labels: Optional[jax.Array] = None, *,
                train: bool = False) -> HeadOutput:
     h = self._layers(x)
     if self.return_locs:
-      loss = None if labels is None else link_loss(self.link, h.mu, labels, self.label_smoothing)
+      loss = None if labels is None else link_loss(self.link, h.mu, labels, self.label_smoothing,
+                                                   self.num_classes)
       return HeadOutput(h.mu, loss)
     if self.mc_method == 'quadrature':
       log_p, log_1mp = quadrature.sigmoid_log_marginals(*self._marginals(h), h.tau,
@@ -345,17 +357,22 @@ class _HeteroscedasticHead(Head):
     dim = x.shape[1]
     self._check(dim)
     x = x.astype(jnp.float32)
-    w, b = _DenseParams(dim, self.num_classes, True, self.head_bias_init, name='loc_layer')()
-    # HET's noise layers have a class dimension (sharded); HET-XL's do not.
-    n = dim if self._latent_noise else self.num_classes
-    noise_scales = noise_layers(dim, n, self.num_factors, self.parameter_efficient,
-                                shard=not self._latent_noise)
+    w, b = _DenseParams(dim, self.padded_classes, True, self.head_bias_init,
+                        real_features=self.num_classes, name='loc_layer')()
+    # HET's noise layers have a class dimension (sharded, padded); HET-XL's do not.
+    het = not self._latent_noise
+    noise_scales = noise_layers(dim, self.padded_classes if het else dim, self.num_factors,
+                                self.parameter_efficient, shard=het,
+                                real_n=self.num_classes if het else None)
     if self.learn_temperature:
       tau = BoundedTemperature(self.temperature_bounds, name='temperature')()
     else:
       tau = jnp.float32(self.temperature)
     cd = self.compute_dtype
-    return Layers(_mm('bd,dk->bk', x, w, cd) + b, w, noise_scales(x, cd), tau)
+    # Padded classes: mu at PADDED_LOGIT, so u_s = mu + noise is too, for every sample (the
+    # noise is O(1)), and their probability is 0 in MC and quadrature alike.
+    mu = self.mask_padded(_mm('bd,dk->bk', x, w, cd) + b)
+    return Layers(mu, w, noise_scales(x, cd), tau)
 
   def _draws(self, h: Layers, num_samples: int, train: bool) -> Draws:
     """eps_R for all samples up front; the diagonal noise per sample (independent: sample s
@@ -412,23 +429,28 @@ class _HeteroscedasticHead(Head):
     """Softmax-link logits log p (or edward2's log clip(p, 1e-7) with `clip_probs_parity`)
     and loss -log p_y (label-smoothed)."""
     logits = jnp.log(jnp.clip(jnp.exp(log_p), CLIP_EPS)) if self.clip_probs_parity else log_p
-    loss = None if labels is None else link_loss('softmax', logits, labels, self.label_smoothing)
+    logits = self.mask_padded(logits)
+    loss = None if labels is None else link_loss('softmax', logits, labels, self.label_smoothing,
+                                                 self.num_classes)
     return HeadOutput(logits, loss)
 
   def _sigmoid_output(self, log_p: jax.Array, log_1mp: jax.Array,
                       labels: Optional[jax.Array]) -> HeadOutput:
     """Sigmoid-link logits log p - log(1 - p) and loss -(y log p + (1 - y) log(1 - p))."""
-    K = self.num_classes
     if self.clip_probs_parity:
       p = jnp.exp(log_p)
       logits = jnp.log(jnp.clip(p, CLIP_EPS)) - jnp.log(1.0 - jnp.clip(p, CLIP_EPS, 1 - CLIP_EPS))
+      logits = self.mask_padded(logits)
       loss = None if labels is None else sigmoid_cross_entropy(logits, labels,
-                                                                self.label_smoothing)
+                                                                self.label_smoothing,
+                                                                self.num_classes)
       return HeadOutput(logits, loss)
-    logits = log_p - log_1mp
+    logits = self.mask_padded(log_p - log_1mp)
     loss = None
     if labels is not None:
-      y = sigmoid_targets(labels, K, self.label_smoothing)
+      # padded classes: target 0 and log(1 - p) set to its limit 0, so they add exactly 0
+      y = sigmoid_targets(labels, log_p.shape[-1], self.label_smoothing, self.num_classes)
+      log_1mp = jnp.where(real_classes(log_p.shape[-1], self.num_classes), log_1mp, 0.0)
       loss = -(y * log_p + (1.0 - y) * log_1mp).sum(-1)
     return HeadOutput(logits, loss)
 

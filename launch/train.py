@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -48,27 +48,35 @@ class _PreemptionFlag:
 class StepMetrics:
   """The train step's device metrics on the host: each step's are read one step late (so the
   host never waits on the device), checked for NaN/inf and written every `log_every` steps
-  and at the end."""
+  and at the end.
 
-  def __init__(self, writer: MetricWriter, log_every: int):
-    self._writer, self._log_every = writer, log_every
+  Checkpoint s holds the parameters that step s + 1's loss is computed on, so it is good only
+  once that loss is finite. On a NaN/inf stop `set_aside(first_bad)` (`Checkpointer.
+  set_aside_from`) moves aside the checkpoints from `first_bad` on and returns (the newest
+  step left or None, the paths moved), which the error names."""
+
+  def __init__(self, writer: MetricWriter, log_every: int,
+               set_aside: Callable[[int], tuple] = lambda first_bad: (None, [])):
+    self._writer, self._log_every, self._set_aside = writer, log_every, set_aside
     self._pending = None        # (step, device metrics) not yet written
     self._read = (None, None)   # (step, host metrics) of the last read: never read twice
-    self.last_saved: Optional[int] = None   # named by the NaN error
 
   def read(self, step: int, metrics: dict) -> dict:
     """`step`'s metrics as host floats, 'params_finite' removed. Raises FloatingPointError
-    naming the step, the last finite one and the last checkpoint on a NaN/inf loss or update."""
+    naming the step, the last good checkpoint and what to do on a NaN/inf loss or update."""
     if self._read[0] == step:
       return self._read[1]
     metrics = jax.device_get(metrics)
     params_finite = bool(metrics.pop('params_finite'))
     loss = metrics['loss']
     if not (np.isfinite(loss) and params_finite):
-      what = f'loss ({loss})' if not np.isfinite(loss) else 'parameter update'
-      raise FloatingPointError(
-          f'non-finite {what} at step {step} (steps up to {step - 1} were finite); stopped '
-          f'without saving it. Last good checkpoint: step {self.last_saved}.')
+      # A non-finite loss condemns the previous step's parameters; a non-finite update of a
+      # finite loss only this step's (never saved).
+      first_bad = step - 1 if not np.isfinite(loss) else step
+      what = (f'loss ({loss}) on the parameters of step {step - 1}' if not np.isfinite(loss)
+              else 'parameter update')
+      raise FloatingPointError(_nonfinite_message(step, what, first_bad,
+                                                  *self._set_aside(first_bad)))
     self._read = (step, {k: float(v) for k, v in metrics.items()})
     return self._read[1]
 
@@ -88,6 +96,19 @@ class StepMetrics:
     host = self.read(step, metrics)
     if final or step % self._log_every == 0:
       self._writer.write(step, host)
+
+
+def _nonfinite_message(step: int, what: str, first_bad: int, good: Optional[int],
+                       moved: list) -> str:
+  text = (f'non-finite {what} at step {step} (the losses up to step {first_bad} were finite); '
+          'stopped without saving it.')
+  if moved:
+    text += (' The checkpoints of those parameters cannot continue and were moved aside: '
+             + ', '.join(moved) + '.')
+  fix = 'lower --config.optimizer.learning_rate (or set --config.optimizer.grad_clip_norm)'
+  if good is None:
+    return text + f' No good checkpoint is left: {fix} and re-run to start over from step 0.'
+  return text + f' Last good checkpoint: step {good}; {fix} and re-run to resume from it.'
 
 
 def _progress(step: int, num_steps: int, metrics: dict, steps_per_sec: float,
@@ -123,22 +144,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _train(config: ml_collections.ConfigDict, workdir: str,
            cleanup: contextlib.ExitStack) -> dict:
-  # ----- Setup: mesh, model, optimizer, state layout, logging.
+  # ----- Setup: mesh, model, optimizer, state layout. Nothing is written into the workdir
+  # until every check has passed (see "Record" below), so a rejected command changes nothing.
   exp = Experiment.build(config)
-  save_config(workdir, config)
-  check_signature(workdir, exp.abstract_state.params)
-  writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir)))
+  check_signature(workdir, exp.abstract_state.params, record=False, layout=exp.class_layout)
   logging.info('mesh %s; %d params', dict(exp.mesh.shape), param_count(exp.abstract_state.params))
 
   # ----- Input: grain, sharded per process; assembled into global arrays per step.
   train_source = exp.train_source
-  if isinstance(train_source, NoisyLabels) and jax.process_index() == 0:
-    train_source.write_record(workdir)   # label_noise.json: the realised flips, once per workdir
   train_iter = iter(train_dataset(
       train_source, global_batch=config.input.batch_size, seed=config.seed,
       augment=config.input.train_augment, image_size=config.input.image_size,
       channels=config.dataset.channels, shuffle=config.input.shuffle,
-      num_workers=config.input.num_workers, text_input=exp.text_input))
+      num_workers=config.input.num_workers, text_input=exp.text_input,
+      reader=config.input.reader, sharded_above=config.input.sharded_above,
+      streams=config.input.shard_streams, cycle_length=config.input.shards_interleaved,
+      window=config.input.shuffle_window))
   data_sharding = batch_sharding(exp.mesh)
 
   # ----- State: restore the latest checkpoint (model, optimizer, step, data order) or init.
@@ -155,9 +176,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                                 exp.model.backbone)
       print(f'Initialised {len(taken)} arrays from {config.train.init_from}.', flush=True)
   else:
-    state = ckpt.restore(start, exp.abstract_restore_target(), train_iter)
+    state = ckpt.restore(start, exp.abstract_restore_target(), train_iter, exp.class_layout)
     logging.info('resumed from step %d', start)
     print(f'Resumed from checkpoint at step {start}.', flush=True)
+
+  # ----- Record: the config, the parameter shapes, the label noise; metrics from here on.
+  save_config(workdir, config)
+  check_signature(workdir, exp.abstract_state.params, layout=exp.class_layout)
+  if isinstance(train_source, NoisyLabels) and jax.process_index() == 0:
+    train_source.write_record(workdir)   # label_noise.json: the realised flips, once per workdir
+  writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir)))
 
   # ----- Compile once up front, so an out-of-memory shows before step 1.
   eval_step = make_eval_step(exp.model, exp.mesh, exp.shardings)
@@ -172,8 +200,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   # ----- Loop: step; progress; checkpoint (or stop when preempted); eval.
   preemption = _PreemptionFlag()
   num_steps, batch_size = config.train.num_steps, config.input.batch_size
-  step_metrics = StepMetrics(writer, config.train.log_every)
-  step_metrics.last_saved = start or None
+  step_metrics = StepMetrics(writer, config.train.log_every, set_aside=ckpt.set_aside_from)
   t0, s0 = time.time(), start
   printed = t0   # progress: every log_every steps, after the first step and at least every 30 s
   for step in range(start + 1, num_steps + 1):
@@ -195,7 +222,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     if step % config.train.checkpoint_every == 0 or step == num_steps or stop:
       step_metrics.read(step, metrics)   # never save a NaN state
       ckpt.save(step, state, train_iter, force=True)
-      step_metrics.last_saved = step
     if stop:
       ckpt.wait()
       print(f'Preempted: saved step {step}; re-run the same command to resume.', flush=True)

@@ -16,15 +16,18 @@ classes, LLC's baseline codebooks) goes through `restore_variables`.
 """
 import json
 import os
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from training.json_file import write_json
+from training.mesh import fit_spec
+from training.optimizer import param_path
 
 # Finalised steps: named like a step and holding orbax's commit file.
 _FINALISED = ocp.step.standard_name_format(
@@ -33,6 +36,7 @@ _FINALISED = ocp.step.standard_name_format(
 _STEP_NAMED = ocp.step.standard_name_format(
     temporary_path_cls=ocp.path.atomicity.AtomicRenameTemporaryPath)
 INCOMPLETE_SUFFIX = '.incomplete'
+NONFINITE_SUFFIX = '.nonfinite'   # finalised, but its parameters gave a non-finite loss
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -45,6 +49,26 @@ class IncompatibleCheckpointError(ValueError):
 
 class NoCheckpointError(FileNotFoundError):
   """The workdir holds no finalised checkpoint (or not the step asked for)."""
+
+
+class ClassLayout(NamedTuple):
+  """Where a model's class dimensions are, and how far they are padded: `axes`, a TrainState-
+  shaped tree of ints (`training.state.class_axes`: each array's class dimension, -1 for
+  none); `num_classes` K real classes, `padded` the model's padded size Kp (a class dimension
+  is Kp, or Kp x R for HET's low-rank factors). Checkpoints record shapes unpadded (K), so one
+  written with another padding (another 'model' axis size, or before padding existed)
+  restores: its class dimensions are restored as saved and padded with zeros or cut back
+  to this model's (only padding is ever cut)."""
+  axes: Any
+  num_classes: int
+  padded: int
+
+  def unpadded(self, shape: Sequence[int], axis: int) -> list:
+    """`shape` with its class dimension (`axis`, -1 none) at the real class count."""
+    shape = list(shape)
+    if axis >= 0 and self.padded != self.num_classes and shape[axis] % self.padded == 0:
+      shape[axis] = shape[axis] // self.padded * self.num_classes
+    return shape
 
 
 def scan_steps(workdir: str) -> tuple[list[int], list[str]]:
@@ -88,7 +112,8 @@ def _choose(workdir: str, steps: list[int], step: Optional[int], hint: str) -> i
 
 
 def restore_variables(workdir: str, abstract_state: Any = None, step: Optional[int] = None, *,
-                      hint: str = 'train it first') -> tuple[dict, int]:
+                      hint: str = 'train it first',
+                      layout: Optional[ClassLayout] = None) -> tuple[dict, int]:
   """({'params', 'batch_stats'}, step) of the newest (or the given) finalised checkpoint of
   `workdir`, as orbax's CheckpointManager lists them; the optimizer state and the data
   position are never read.
@@ -98,7 +123,8 @@ def restore_variables(workdir: str, abstract_state: Any = None, step: Optional[i
   `check_signature`; without it, as host numpy arrays of the saved shapes (another model's
   checkpoint: `train.init_from`). Raises NoCheckpointError (a FileNotFoundError) naming the
   directory, the steps there and `hint` (what to do); IncompatibleCheckpointError when the
-  target's parameter shapes differ from the workdir's.
+  target's parameter shapes differ from the workdir's. With `layout` (the target's class
+  dimensions) a checkpoint of another class padding restores (`ClassLayout`).
   """
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise NoCheckpointError(f'no checkpoints in {workdir}: {hint}')
@@ -106,17 +132,18 @@ def restore_variables(workdir: str, abstract_state: Any = None, step: Optional[i
   try:
     step = ckpt.pick_step(step, hint=hint)
     if abstract_state is not None:
-      check_signature(workdir, abstract_state.params)
-    return ckpt.restore_variables(step, abstract_state), step
+      check_signature(workdir, abstract_state.params, layout=layout)
+    return ckpt.restore_variables(step, abstract_state, layout), step
   finally:
     ckpt.close()
 
 
-def _move_aside(path: str) -> str:
-  """Renames an unfinished step directory to `<path>.incomplete[-n]` (never a step name)."""
-  target, n = path + INCOMPLETE_SUFFIX, 1
+def _move_aside(path: str, suffix: str = INCOMPLETE_SUFFIX) -> str:
+  """Renames a step directory that must not be listed to `<path><suffix>[-n]` (never a step
+  name)."""
+  target, n = path + suffix, 1
   while os.path.exists(target):
-    target, n = f'{path}{INCOMPLETE_SUFFIX}-{n}', n + 1
+    target, n = f'{path}{suffix}-{n}', n + 1
   os.rename(path, target)
   return target
 
@@ -151,17 +178,61 @@ def _array_shapes(tree: Any) -> dict:
           for path, leaf in flat.items() if hasattr(leaf, 'shape')}
 
 
-def _shape_signature(tree: Any) -> dict:
+def _shape_signature(tree: Any, axes: Any = None, layout: Optional[ClassLayout] = None) -> dict:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): list(leaf.shape) for path, leaf in flat}
+  axes = [-1] * len(flat) if layout is None else jax.tree.leaves(axes)
+  return {jax.tree_util.keystr(path): (layout.unpadded(leaf.shape, ax) if layout
+                                       else list(leaf.shape))
+          for (path, leaf), ax in zip(flat, axes)}
 
 
-def check_signature(workdir: str, params: Any) -> None:
-  """Writes the parameter shapes on first use; afterwards fails clearly when they changed."""
+def fit_class_dims(abstract: Any, axes: Any, stored: dict) -> tuple[Any, Any]:
+  """(restore target, resize): `abstract` (ShapeDtypeStructs with shardings) with each array
+  whose saved shape (`stored`: path -> shape, `_array_shapes`) differs only along its class
+  dimension (`axes`, same structure) given the saved shape, sharded as far as that shape
+  allows; and `resize(restored)`, which pads those arrays with zeros (a padded class is
+  masked, its optimizer moments start at 0) or cuts their padding, into `abstract`'s
+  shardings. Arrays that differ otherwise are left for the shape checks to report."""
+  changed = {}
+
+  def target(path, leaf, axis):
+    old = stored.get(param_path(path))
+    if (axis < 0 or old is None or tuple(old) == tuple(leaf.shape) or len(old) != leaf.ndim
+        or any(o != n for i, (o, n) in enumerate(zip(old, leaf.shape)) if i != axis)):
+      return leaf
+    changed[param_path(path)] = axis
+    mesh = leaf.sharding.mesh
+    sharding = jax.sharding.NamedSharding(mesh, fit_spec(leaf.sharding.spec, old, mesh))
+    return jax.ShapeDtypeStruct(tuple(old), leaf.dtype, sharding=sharding)
+
+  def resize(restored):
+    def one(path, x, leaf):
+      axis = changed.get(param_path(path))
+      if axis is None:
+        return x
+      def fn(x):
+        n = leaf.shape[axis]
+        if x.shape[axis] >= n:
+          return jax.lax.slice_in_dim(x, 0, n, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, n - x.shape[axis])
+        return jnp.pad(x, pad)
+      return jax.jit(fn, out_shardings=leaf.sharding)(x)
+    return jax.tree_util.tree_map_with_path(one, restored, abstract)
+
+  return jax.tree_util.tree_map_with_path(target, abstract, axes), resize
+
+
+def check_signature(workdir: str, params: Any, *, record: bool = True,
+                    layout: Optional[ClassLayout] = None) -> None:
+  """Writes the parameter shapes on first use (unless `record` is False: a check before
+  anything is written); afterwards fails clearly when they changed. With `layout` the class
+  dimensions are compared unpadded (`ClassLayout`), so padding is never a difference."""
   path = os.path.join(workdir, 'param_shapes.json')
-  current = _shape_signature(params)
+  current = _shape_signature(params, layout and layout.axes.params, layout)
   if not os.path.exists(path):
-    write_json(path, current)
+    if record:
+      write_json(path, current)
     return
   with open(path) as f:
     saved = json.load(f)
@@ -193,7 +264,9 @@ class Checkpointer:
         _warn_incomplete([path], f'skipped and renamed to {_move_aside(path)} (delete it at will)')
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=0 if read_only else max(save_every, 1),   # orbax warns otherwise
-        max_to_keep=None if read_only else keep,
+        # The newest checkpoint is good only once the next step's loss is finite (see
+        # `set_aside_from`), so rotation always keeps the one before it too.
+        max_to_keep=None if read_only or not keep else max(keep, 2),
         enable_async_checkpointing=use_async,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
@@ -240,7 +313,8 @@ class Checkpointer:
   def _step_path(self, step: int) -> str:
     return str(_FINALISED.find_step(checkpoint_dir(self._workdir), step).path)
 
-  def check_resumable(self, step: int, abstract_state: Any) -> None:
+  def check_resumable(self, step: int, abstract_state: Any,
+                      layout: Optional[ClassLayout] = None) -> None:
     """Fails with IncompatibleCheckpointError, naming what differs and what to do, unless
     `step` holds a data position for this process count and a train state of exactly the
     arrays (paths and shapes) of `abstract_state`. Logs the config fields that changed."""
@@ -287,28 +361,56 @@ class Checkpointer:
     if changes:
       logging.info('resuming %s with changed config fields:\n  %s', where, '\n  '.join(changes))
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+  def _fit_classes(self, step: int, abstract: Any, axes: Any) -> tuple[Any, Any]:
+    """`fit_class_dims` of `abstract` against the arrays saved at `step`."""
+    return fit_class_dims(abstract, axes, _array_shapes(self._manager.item_metadata(step)['state']))
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any,
+              layout: Optional[ClassLayout] = None) -> Any:
     """Restores state into `abstract_state`'s shardings and the iterator in place, after
-    `check_resumable`."""
+    `check_resumable`; with `layout`, from a checkpoint of another class padding too."""
+    resize = lambda x: x
+    if layout is not None:
+      abstract_state, resize = self._fit_classes(step, abstract_state, layout.axes)
     self.check_resumable(step, abstract_state)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=grain.checkpoint.CheckpointRestore(data_iterator))
-    return self._manager.restore(step, args=args)['state']
+    return resize(self._manager.restore(step, args=args)['state'])
 
-  def restore_variables(self, step: int, abstract_state: Any = None) -> dict:
+  def restore_variables(self, step: int, abstract_state: Any = None,
+                        layout: Optional[ClassLayout] = None) -> dict:
     """{'params', 'batch_stats'} of `step`; the optimizer state is never read. Into
-    `abstract_state`'s shardings, or without it as host numpy arrays of the saved shapes
-    (see the module's `restore_variables`). Needs `read_only=True`."""
+    `abstract_state`'s shardings (with `layout`, from another class padding too), or without
+    it as host numpy arrays of the saved shapes (see the module's `restore_variables`). Needs
+    `read_only=True`."""
+    resize = lambda x: x
     if abstract_state is None:
       saved = self._manager.item_metadata(step)['state']
       item = {k: saved[k] for k in ('params', 'batch_stats') if k in saved}
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     else:
       item = {'params': abstract_state.params, 'batch_stats': abstract_state.batch_stats}
+      if layout is not None:
+        item, resize = self._fit_classes(
+            step, item, {'params': layout.axes.params, 'batch_stats': layout.axes.batch_stats})
       restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     restore = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     restored = self._manager.restore(step, args=ocp.args.Composite(state=restore))['state']
-    return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
+    restored = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
+    return resize(restored)
+
+  def set_aside_from(self, first_bad: int) -> tuple[Optional[int], list[str]]:
+    """After a non-finite loss: waits for a pending save, then (process 0) renames each
+    finalised step >= `first_bad` to `<step>.nonfinite`, kept but never listed, since its
+    parameters gave that loss and a resume would only repeat it. Returns (the newest step
+    left, or None; the new paths)."""
+    self.wait()
+    steps = self.all_steps()
+    moved = [_move_aside(self._step_path(s), NONFINITE_SUFFIX) for s in steps
+             if s >= first_bad and jax.process_index() == 0]
+    self._manager.reload()
+    good = [s for s in steps if s < first_bad]
+    return (good[-1] if good else None), moved
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)

@@ -14,11 +14,13 @@ from jax.sharding import Mesh
 from training.resolve import ConfigError, resolve
 from input_pipeline.pipeline import eval_dataset, preprocess
 from input_pipeline.sources import DatasetInfo, Subset, build_source
-from training.mesh import batch_sharding, build_mesh
+from training.mesh import (batch_sharding, batch_size_multiple, build_mesh,
+                           feature_sharding)
 from training.model import build_model
 from training.optimizer import build_optimizer, build_schedule
 from training.progress import Reported
-from training.state import TrainState, abstract_params, state_shardings
+from training.checkpointing import ClassLayout
+from training.state import TrainState, abstract_params, class_axes, state_shardings
 
 
 @dataclasses.dataclass
@@ -51,15 +53,19 @@ class Experiment:
     if not image_shape:
       raise ConfigError('the image shape is unknown (stored images of several or non-square '
                         'sizes): set --config.input.image_size=N to resize them to N x N')
-    mesh = build_mesh(config.mesh.axes, config.mesh.shape, devices)
+    mesh = build_mesh(config.mesh.axes, config.mesh.shape, devices, config.mesh.dcn_shape)
+    multiple = batch_size_multiple(mesh)
     for name, size in (('input.batch_size', config.input.batch_size),
                        ('input.eval_batch_size', config.input.eval_batch_size)):
-      if size % mesh.shape['data']:
-        raise ValueError(f'{name}={size} is not divisible by the data axis ({mesh.shape["data"]})')
-    model = build_model(config)
+      if size % multiple:
+        raise ValueError(f'{name}={size} is not divisible by the {multiple} devices of mesh '
+                         f'{dict(mesh.shape)} (the batch splits over all of them): use a '
+                         f'multiple of {multiple}')
+    model = build_model(config, class_multiple=class_multiple(config, mesh),
+                        feature_sharding=feature_sharding(mesh))
     tx = build_optimizer(config.optimizer, config.train.num_steps,
                          abstract_params(model, image_shape))
-    abstract, shardings = state_shardings(model, tx, image_shape, mesh)
+    abstract, shardings = state_shardings(model, tx, image_shape, mesh, config.sharding.rules)
     return cls(config, mesh, model, tx, build_schedule(config.optimizer, config.train.num_steps),
                image_shape, abstract, shardings)
 
@@ -121,10 +127,30 @@ class Experiment:
         channels=c.dataset.channels, num_workers=c.input.num_workers)
     return Reported(dataset, num_batches, 'eval' if source is None else 'features')
 
+  @functools.cached_property
+  def class_layout(self) -> ClassLayout:
+    """The model's class dimensions and padding, for checkpoints (`ClassLayout`)."""
+    head = self.model.head
+    padded = head.padded_classes if head.pads_classes else head.num_classes
+    return ClassLayout(class_axes(self.model, self.tx, self.image_shape), head.num_classes,
+                       padded)
+
   def abstract_restore_target(self) -> TrainState:
     """The state as ShapeDtypeStructs carrying their shardings (restore target; AOT lowering)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self.abstract_state, self.shardings)
+
+
+LANES = 128   # a TPU vreg's lanes: each device's share of a padded class dimension is a multiple
+
+
+def class_multiple(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
+  """What a `pads_classes` head pads K to a multiple of: `model.class_multiple` when set, else
+  LANES x the 'model' axis when that is > 1 (so any K splits over it), else 1 (no padding)."""
+  if config.model.class_multiple:
+    return int(config.model.class_multiple)
+  model_axis = mesh.shape.get('model', 1)
+  return LANES * model_axis if model_axis > 1 else 1
 
 
 def first_eval_image_shape(config: ml_collections.ConfigDict) -> tuple:

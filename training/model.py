@@ -19,6 +19,8 @@ class Classifier(nn.Module):
   head: nn.Module
   mean: Sequence[float] = (0.5,)
   std: Sequence[float] = (0.5,)
+  # How the head reads the pre-logits (`training.mesh.feature_sharding`): None = as they come
+  feature_sharding: Optional[jax.sharding.Sharding] = None
 
   def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """Backbone features [B, D] of uint8 images."""
@@ -35,22 +37,30 @@ class Classifier(nn.Module):
     extra = {'mask': mask} if self.head.in_batch_loss else {}
     if self.head.text_input is not None:
       extra['text'] = text
-    return self.head(self.features(images, train=train), labels, train=train, **extra)
+    x = self.features(images, train=train)
+    if self.feature_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, self.feature_sharding)
+    return self.head(x, labels, train=train, **extra)
 
 
-def build_model(config: ml_collections.ConfigDict) -> Classifier:
-  """The classifier the config names."""
+def build_model(config: ml_collections.ConfigDict, *, class_multiple: int = 1,
+                feature_sharding: Optional[jax.sharding.Sharding] = None) -> Classifier:
+  """The classifier the config names; a head that pads its classes (`Head.pads_classes`) pads
+  them to a multiple of `class_multiple` (`training.experiment.class_multiple`)."""
   m = config.model
   dtype = jnp.dtype(m.dtype)
   backbone = build_backbone(m.backbone, dtype=dtype, **m.backbone_kwargs.to_dict())
   head = build_head(m.head, config.dataset.num_classes, dataset=config.dataset,
                     **m.head_kwargs.to_dict())
+  if head.pads_classes and class_multiple > 1:
+    head = head.clone(class_multiple=class_multiple)
   why_not = head.label_sets_unsupported
   if config.dataset.multi_label and why_not:
     raise ValueError(f'model.head={m.head!r} cannot train on multi-label data '
                      f'(dataset.multi_label=True): {why_not} Use a softmax/sigmoid, HET or '
                      'HET-XL head.')
-  return Classifier(backbone, head, tuple(config.input.mean), tuple(config.input.std))
+  return Classifier(backbone, head, tuple(config.input.mean), tuple(config.input.std),
+                    feature_sharding)
 
 
 def rng_streams(head: Head) -> tuple[str, ...]:

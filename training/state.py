@@ -1,5 +1,5 @@
 """The train state pytree, created already sharded over the mesh."""
-from typing import Any
+from typing import Any, Sequence
 
 import flax
 import jax
@@ -9,6 +9,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from training.mesh import fit_spec
+from training.sharding import param_specs
 from training.model import rng_streams
 
 
@@ -28,13 +29,19 @@ def _init_variables(model: nn.Module, image_shape: tuple, key: jax.Array) -> dic
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple,
-                    mesh: Mesh) -> tuple[TrainState, TrainState]:
-  """(abstract state, NamedShardings): class dims on 'model' as the heads declare, rest replicated."""
+                    mesh: Mesh, rules: Sequence[Sequence[str]] = ()
+                    ) -> tuple[TrainState, TrainState]:
+  """(abstract state, NamedShardings). Parameters: the sharding `rules` (`training.sharding`,
+  `config.sharding.rules`; () replicates) on top of the class dimensions the heads put on
+  'model'; their optimizer moments alike; batch_stats as their modules declare; the rest
+  replicated."""
   boxed = jax.eval_shape(lambda k: _init_variables(model, image_shape, k), jax.random.key(0))
-  specs = nn.get_partition_spec(boxed)
+  declared = nn.get_partition_spec(boxed)
   abstract_vars = nn.meta.unbox(boxed)
-  specs = jax.tree.map(lambda s, a: fit_spec(s, a.shape, mesh), specs, abstract_vars,
-                       is_leaf=lambda x: isinstance(x, P))
+  specs = {'params': param_specs(declared['params'], abstract_vars['params'], rules, mesh),
+           'batch_stats': jax.tree.map(lambda s, a: fit_spec(s, a.shape, mesh),
+                                       declared['batch_stats'], abstract_vars['batch_stats'],
+                                       is_leaf=lambda x: isinstance(x, P))}
   abstract_opt = jax.eval_shape(tx.init, abstract_vars['params'])
   # Masked optimizer states (frozen parameters, optax.partition) hold MaskedNode in place of
   # the parameters they keep no state for: kept as they are.
@@ -48,6 +55,24 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, image_sh
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), spec_state,
                            is_leaf=lambda x: isinstance(x, P))
   return abstract, shardings
+
+
+def class_axes(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple) -> Any:
+  """A TrainState-shaped tree of ints: for every array, the index of its class dimension (the
+  one its module put on 'model', `heads.base.class_sharded`; optimizer moments like their
+  parameters), or -1. What a checkpoint of another padded class count is resized along
+  (`training.checkpointing`)."""
+  boxed = jax.eval_shape(lambda k: _init_variables(model, image_shape, k), jax.random.key(0))
+  is_spec = lambda x: isinstance(x, P)
+  axis = lambda s: next((i for i, n in enumerate(s) if n == 'model'), -1)
+  axes = jax.tree.map(axis, nn.get_partition_spec(boxed), is_leaf=is_spec)
+  abstract_vars = nn.meta.unbox(boxed)
+  opt = optax.tree_map_params(
+      tx, lambda a, s: a if isinstance(a, optax.MaskedNode) else s,
+      jax.eval_shape(tx.init, abstract_vars['params']), axes['params'],
+      transform_non_params=lambda _: -1,
+      is_leaf=lambda x: isinstance(x, (int, optax.MaskedNode)))
+  return TrainState(-1, axes['params'], axes['batch_stats'], opt)
 
 
 def abstract_params(model: nn.Module, image_shape: tuple) -> Any:
