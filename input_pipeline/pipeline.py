@@ -1,16 +1,26 @@
-"""grain pipelines: seeded global shuffle -> repeat -> per-process shard -> augment -> batch,
-and the device stage that assembles global arrays from each process's share.
+"""grain pipelines for training and evaluation, and the device stage that assembles global
+arrays from each process's share. Training reads with one of two readers (`choose_reader`,
+config `input.reader`):
 
-Training data is a pure function of (seed, epoch, index): `random_map` seeds each element's
-rng from its position in the repeated, shuffled dataset, batches are built before grain hands
-them to worker processes (so the worker count changes nothing), and the iterator state
-(checkpointed with the model) is the number of examples consumed, so a run resumes exactly
-with any worker count or batch size.
+* global (`TrainBatches`): seeded global shuffle -> repeat -> per-process slice -> augment ->
+  batch. Training data is a pure function of (seed, epoch, index): `random_map` seeds each
+  element's rng from its position in the repeated, shuffled dataset, batches are built before
+  grain hands them to worker processes (so the worker count changes nothing), and the
+  iterator state (checkpointed with the model) is the number of examples consumed, so a run
+  resumes exactly with any worker count or batch size. Each process (and worker) reads
+  records of every shard, so it ends up with every shard open: right for small datasets.
+* sharded (`ShardedBatches`, for datasets too large for that): each process reads only its
+  own shards, each stream of it interleaves a few shards and shuffles within a window, so
+  memory and start-up are O(shards) + O(open shards), whatever the record count.
 """
+import concurrent.futures
 import dataclasses
+import functools
+import json
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+from absl import logging
 import grain
 import jax
 import numpy as np
@@ -106,8 +116,15 @@ class PaddedSource:
     return example
 
 
-def _per_process(global_batch: int) -> int:
-  count = jax.process_count()
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(this process's index, process count): the arguments, else jax's (tests simulate several
+  processes in one by passing them)."""
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
+def _per_process(global_batch: int, count: int | None = None) -> int:
+  count = jax.process_count() if count is None else count
   if global_batch % count:
     raise ValueError(f'global batch {global_batch} is not divisible by {count} processes')
   return global_batch // count
@@ -137,6 +154,11 @@ def _examples_consumed(state: dict) -> int:
     return int(state['next_index'])
   if 'iterators_in_use_states' in state:
     return sum(int(s['next_index']) for s in state['iterators_in_use_states'] if s)
+  if ShardedBatches.STATE_KEY in state:
+    raise ValueError(
+        "this checkpoint's data position was written by the sharded reader, but the config "
+        "now reads with the global one: set --config.input.reader=sharded to continue exactly "
+        "(see input_pipeline.pipeline.choose_reader)")
   raise ValueError(f'unrecognised training data-iterator state {state!r}: expected '
                    f'{{{TrainBatches.STATE_KEY!r}: examples consumed}}')
 
@@ -192,23 +214,360 @@ class TrainBatches(grain.DatasetIterator):
 
 def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
                   image_size: int, channels: int, shuffle: bool = True,
-                  num_workers: int = 0, text_input: Any = None) -> TrainBatches:
+                  num_workers: int = 0, text_input: Any = None, reader: str = 'global',
+                  sharded_above: int = 1_000_000, streams: int = 0, cycle_length: int = 16,
+                  window: int = 1024, process_index: int | None = None,
+                  process_count: int | None = None) -> 'TrainBatches | ShardedBatches':
   """Endless training batches of this process: {'image' uint8, 'label' int32, 'mask'}, and
   'text' [B, *text_input.shape] (each example's own text as its head reads it) when
   `text_input` is given (`preprocess`).
 
-  This process's stream is example i of the seeded, per-epoch reshuffled, repeated source at
-  positions process_index, process_index + process_count, ...; each example is augmented
-  with an rng seeded by its position in that stream, so batches are a pure function of
-  (seed, position) whatever `num_workers`.
+  `reader` ('auto' | 'global' | 'sharded', config `input.reader`) picks how (`choose_reader`,
+  which logs its reason); `sharded_above`, `streams`, `cycle_length` and `window` are the
+  config's `input.sharded_above`, `input.shard_streams`, `input.shards_interleaved` and
+  `input.shuffle_window` (`ShardedBatches`). `process_index` / `process_count` default to
+  jax's. With the global reader this process's stream is example i of the seeded, per-epoch
+  reshuffled, repeated source at positions process_index, process_index + process_count, ...;
+  each example is augmented with an rng seeded by its position in that stream, so batches are a
+  pure function of (seed, position) whatever `num_workers`.
   """
+  index, count = _processes(process_index, process_count)
+  kind, why = choose_reader(source, reader, sharded_above)
+  logging.info('training input: %s reader (%s)', kind, why)
+  preprocess_args = dict(augment=augment, image_size=image_size, channels=channels,
+                         text_input=text_input)
+  if kind == 'sharded':
+    return ShardedBatches(source, batch=_per_process(global_batch, count), seed=seed,
+                          shuffle=shuffle, num_workers=num_workers, streams=streams,
+                          cycle_length=cycle_length, window=window, process_index=index,
+                          process_count=count, **preprocess_args)
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(None)
-  ds = ds[jax.process_index()::jax.process_count()]
-  ds = ds.random_map(TrainPreprocess(augment, image_size, channels, text_input), seed=seed)
-  return TrainBatches(ds, _per_process(global_batch), num_workers)
+  ds = ds[index::count]
+  ds = ds.random_map(TrainPreprocess(**preprocess_args), seed=seed)
+  return TrainBatches(ds, _per_process(global_batch, count), num_workers)
+
+
+READERS = ('auto', 'global', 'sharded')
+
+
+def choose_reader(source: Any, reader: str = 'auto',
+                  sharded_above: int = 1_000_000) -> tuple[str, str]:
+  """('global' | 'sharded', why) for training on `source` with config `input.reader`.
+
+  'global' and 'sharded' are taken as asked ('sharded' needs a prepared ArrayRecord split
+  read record by record: ValueError otherwise); 'auto' takes the sharded reader for such a
+  split of more than `sharded_above` records, where the global reader's every-shard-open
+  index and exact global shuffle start to cost memory (~8 bytes per record per process and
+  grain worker, plus Python objects per shard) and start-up, and the global one below, where
+  an exact global shuffle is cheap and the batches do not depend on the worker count.
+  """
+  from input_pipeline import sources
+  if reader not in READERS:
+    raise ValueError(f'input.reader must be one of {READERS}, got {reader!r}')
+  records = sources.records_of(source)
+  if reader == 'global':
+    return 'global', "input.reader='global'"
+  if records is None:
+    why = ('the train split is not a prepared ArrayRecord dataset read record by record '
+           '(in-memory, tfds or synthetic data, or a dataset.classes subset)')
+    if reader == 'sharded':
+      raise ValueError(f"input.reader='sharded' reads a prepared dataset shard by shard, but "
+                       f"{why}: set input.reader='auto' or 'global'")
+    return 'global', why
+  if reader == 'sharded':
+    return 'sharded', "input.reader='sharded'"
+  if len(records) > sharded_above:
+    return 'sharded', (f'{len(records):,} train records > input.sharded_above = '
+                       f'{sharded_above:,}: each process reads only its own shards')
+  return 'global', (f'{len(records):,} train records <= input.sharded_above = '
+                    f'{sharded_above:,}: an exact global shuffle is cheap')
+
+
+def _seed(*keys: int) -> int:
+  """A 32-bit seed (what grain's shuffles take) from integer keys."""
+  return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Visit(grain.transforms.MapWithIndex):
+  """Shard id -> (visit index v, shard id): v numbers the shard visits of all epochs."""
+
+  def map_with_index(self, v: int, shard: int) -> tuple[int, int]:
+    return int(v), int(shard)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadExample(grain.transforms.Map):
+  """Record j of shard visit v -> the source's element (`offset` + j) with its augmentation
+  key (v, j)."""
+  source: Any
+  offset: int
+  visit: int
+
+  def map(self, j: int) -> dict:
+    example = dict(self.source[self.offset + int(j)])
+    example['_key'] = (self.visit, int(j))
+    return example
+
+
+class _HeldShard(grain.IterDataset):
+  """One visit's examples; holds the shard open (`RecordSource.hold`) from the first read to
+  the end of the visit, then releases it, so a reader keeps open only what it reads."""
+
+  def __init__(self, parent: grain.MapDataset, records: Any, shard: int):
+    super().__init__()
+    self._examples, self._records, self._shard = parent, records, shard
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _HeldShardIterator(
+        self._examples.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        .__iter__(), self._records, self._shard)
+
+
+class _HeldShardIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, records: Any, shard: int):
+    super().__init__(parent)
+    self._records, self._shard, self._held = records, shard, False
+
+  def __next__(self) -> dict:
+    if not self._held:
+      self._records.hold(self._shard)
+      self._held = True
+    try:
+      return next(self._parent)
+    except StopIteration:
+      self._drop()
+      raise
+
+  def _drop(self) -> None:
+    if self._held:
+      self._held = False
+      self._records.release(self._shard)
+
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state)
+
+  def close(self) -> None:
+    self._drop()
+    self._parent.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardExamples(grain.transforms.Map):
+  """Shard visit (v, s) -> an IterDataset of shard s's examples, in a seeded order unique to
+  the visit when shuffling."""
+  source: Any
+  shuffle: bool
+  seed: int
+
+  def map(self, visit: tuple[int, int]) -> grain.IterDataset:
+    from input_pipeline import sources
+    v, shard = visit
+    records = sources.records_of(self.source)
+    ds = grain.MapDataset.range(records.shard_lengths[shard])
+    if self.shuffle:
+      ds = ds.shuffle(seed=_seed(self.seed, v))
+    ds = ds.map(_ReadExample(self.source, records.shard_offset(shard), v))
+    return _HeldShard(ds, records, shard)
+
+
+@functools.lru_cache(maxsize=1)
+def _preprocess_pool() -> concurrent.futures.ThreadPoolExecutor:
+  return concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix='preprocess')
+
+
+@dataclasses.dataclass(frozen=True)
+class _PreprocessBatch(grain.transforms.Map):
+  """A list of examples -> their batch, each decoded and augmented (`preprocess`, in 4
+  threads) with an rng seeded by (seed, visit, record in shard): a pure function of the seed
+  and the example's place in the shard-visit stream."""
+  seed: int
+  augment: str
+  image_size: int
+  channels: int
+  text_input: Any = None
+
+  def _one(self, example: dict) -> dict:
+    rng = np.random.default_rng([self.seed, *example.pop('_key')])
+    return preprocess(example, rng, augment=self.augment, image_size=self.image_size,
+                      channels=self.channels, text_input=self.text_input)
+
+  def map(self, examples: list) -> dict:
+    done = list(_preprocess_pool().map(self._one, examples))
+    return {k: np.stack([d[k] for d in done]) for k in done[0]}
+
+
+_STREAM_TAG = '_stream_state'
+
+
+class _Stream(grain.IterDataset):
+  """Stream `index`'s batches, each tagged with (index, the stream's state after it) so the
+  process that consumes it knows where every stream is; starts from `state` when given."""
+
+  def __init__(self, parent: grain.IterDataset, index: int, state: dict | None):
+    super().__init__(parent)
+    self._index, self._state = index, state
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _StreamIterator(self._parent.__iter__(), self._index, self._state)
+
+
+class _StreamIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, index: int, state: dict | None):
+    super().__init__(parent)
+    self._index = index
+    if state is not None:
+      parent.set_state(state)
+
+  def __next__(self) -> dict:
+    batch = next(self._parent)
+    batch[_STREAM_TAG] = json.dumps([self._index, self._parent.get_state()])
+    return batch
+
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+  return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+class ShardedBatches(grain.DatasetIterator):
+  """Endless training batches of this process that read only its own shards.
+
+  Shard visits: the seeded, per-epoch reshuffled, endless sequence of the split's shards
+  (epoch e's permutation at visits e S .. (e + 1) S - 1, S shards). Process p of P has
+  `streams` K independent streams; stream k reads visits p + P k, p + P (k + K), ... (so
+  every shard of every epoch goes to exactly one stream of one process), interleaving
+  `cycle_length` of them at a time (`grain.experimental.InterleaveIterDataset`; each visit's
+  records in a seeded order of its own), shuffles the examples within windows of `window`
+  (`grain.experimental.WindowShuffleIterDataset`) and batches them; batch b of the process
+  comes from stream b mod K. An example is augmented with an rng seeded by (seed, visit,
+  record in shard). Grain's `mp_prefetch` worker w of W runs streams w, w + W, ... (W must
+  divide K; a larger W uses the largest divisor of K, said in the log), so the batches are
+  the same for any worker count that divides K. A stream opens a shard at its visit's first
+  read and closes it at the visit's end: a process holds about K (cycle_length + 1) shards
+  open, never one it does not read. Memory and start-up: O(shards) + the open shards +
+  K windows of raw records, whatever the record count.
+
+  State (checkpointed with the model): {'sharded_next_batch': batches consumed, 'streams':
+  [each stream's grain iterator state after its last consumed batch]}; a resume continues at
+  the same example of every stream, exactly, for any batch size and any worker count W that
+  divides K (or is larger). `streams` 0 means max(1, num_workers) for a new run and the saved
+  K for a resume; a resume whose config sets another K raises ValueError saying which K to
+  set. A resume with another process count stops in `training.checkpointing` (no data
+  position for the new processes).
+  """
+  STATE_KEY = 'sharded_next_batch'
+
+  def __init__(self, source: Any, *, batch: int, seed: int, shuffle: bool, num_workers: int,
+               streams: int, cycle_length: int, window: int, process_index: int,
+               process_count: int, augment: str, image_size: int, channels: int,
+               text_input: Any = None):
+    super().__init__()
+    from input_pipeline import sources
+    self._records = sources.records_of(source)
+    if self._records is None or not len(self._records):
+      raise ValueError('the sharded reader needs a non-empty prepared ArrayRecord split')
+    if cycle_length < 1 or window < 0 or streams < 0:
+      raise ValueError(f'input.shards_interleaved ({cycle_length}) must be >= 1, '
+                       f'input.shuffle_window ({window}) and input.shard_streams ({streams}) '
+                       '>= 0')
+    self._source, self._batch, self._seed, self._shuffle = source, batch, seed, shuffle
+    self._cycle, self._window, self._workers = cycle_length, window, num_workers
+    self._p, self._num_p = process_index, process_count
+    self._preprocess = _PreprocessBatch(seed, augment, image_size, channels, text_input)
+    self._auto_streams = streams == 0
+    self._set_streams(streams or max(1, num_workers))
+    self._next, self._states = 0, [None] * self._k
+    self._inner = None
+
+  def _set_streams(self, k: int) -> None:
+    self._k = k
+    self._used_workers = _largest_divisor(k, self._workers) if self._workers else 0
+    if self._used_workers != self._workers:
+      logging.warning('sharded reader: %d streams run on %d of the %d input.num_workers (a '
+                      'divisor of the stream count, so batches stay as with any other)',
+                      k, self._used_workers, self._workers)
+
+  def _stream(self, k: int) -> grain.IterDataset:
+    visits = grain.MapDataset.range(len(self._records.shard_lengths))
+    if self._shuffle:
+      visits = visits.shuffle(seed=self._seed)
+    step = self._num_p * self._k
+    visits = visits.repeat(None).map_with_index(_Visit())[self._p + self._num_p * k::step]
+    ds = grain.experimental.InterleaveIterDataset(
+        visits.map(_ShardExamples(self._source, self._shuffle, self._seed)),
+        cycle_length=self._cycle)
+    if self._shuffle and self._window > 1:
+      ds = grain.experimental.WindowShuffleIterDataset(
+          ds, window_size=self._window, seed=_seed(self._seed, self._p, k))
+    ds = ds.batch(self._batch, drop_remainder=True, batch_fn=list).map(self._preprocess)
+    return _Stream(ds, k, self._states[k])
+
+  def _open(self) -> None:
+    first = self._next % self._k   # batch n comes from stream n mod K: start the cycle there
+    order = [(first + i) % self._k for i in range(self._k)]
+    ds = grain.experimental.InterleaveIterDataset([self._stream(k) for k in order],
+                                                  cycle_length=self._k)
+    if self._used_workers:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._used_workers))
+    self._inner = iter(ds)
+
+  def _drop(self) -> None:
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+    self._records.close()
+
+  def __next__(self) -> dict:
+    if self._inner is None:
+      self._open()
+    batch = next(self._inner)
+    k, state = json.loads(batch.pop(_STREAM_TAG))
+    self._states[k] = state
+    self._next += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {self.STATE_KEY: self._next, 'streams': list(self._states)}
+
+  def set_state(self, state: dict) -> None:
+    if self.STATE_KEY not in state:
+      raise ValueError(
+          "this checkpoint's data position was written by the global reader, but the config "
+          "now reads with the sharded one: set --config.input.reader=global to continue "
+          'exactly (see input_pipeline.pipeline.choose_reader)')
+    saved = len(state['streams'])
+    if saved != self._k:
+      if not self._auto_streams:
+        raise ValueError(
+            f"this checkpoint's data position has {saved} sharded-reader streams, the config "
+            f'asks for input.shard_streams = {self._k}: set --config.input.shard_streams='
+            f'{saved} to continue exactly (any input.num_workers dividing it keeps the '
+            'batches)')
+      self._set_streams(saved)
+    self._drop()
+    self._next, self._states = int(state[self.STATE_KEY]), list(state['streams'])
+
+  def start_prefetch(self) -> None:
+    if self._inner is None:
+      self._open()
+    self._inner.start_prefetch()
+
+  def close(self) -> None:
+    self._drop()
 
 
 def eval_dataset(source: Any, *, global_batch: int, eval_mode: str, image_size: int,

@@ -11,6 +11,8 @@ processes.
 """
 import dataclasses
 import functools
+import os
+import threading
 from typing import Any, Sequence
 
 import ml_collections
@@ -180,6 +182,19 @@ class ArraySource:
     return {'image': self._images[i], 'label': int(self._labels[i])}
 
 
+# ArrayRecord reader options for random access: no readahead and no read thread pool, so a
+# record is read by `seek` + `read`, which keeps ~2e5 reads/s at 200,000 records per shard,
+# where `read([i])` (grain's ArrayRecordDataSource) falls to ~1e3/s (BENCHMARKS.md, issue 29).
+READER_OPTIONS = 'readahead_buffer_size:0,max_parallelism:0'
+
+
+def open_shard(path: str) -> Any:
+  """Opens one ArrayRecord shard for random reads: the one place the input pipeline opens a
+  shard file (both `input.reader` kinds read through `RecordSource`, which calls this)."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  return ArrayRecordReader(os.fspath(path), READER_OPTIONS)
+
+
 class RecordSource:
   """The project's ArrayRecord shards (see `input_pipeline.records`) of format `version`.
 
@@ -187,23 +202,106 @@ class RecordSource:
   class ids (n = 0 for an unlabelled image). `CheckedLabels` turns either into the form the
   config asks for. A version-3 record also gives its 'text' (str); the pipeline turns it into
   what the head reads (`input_pipeline.captions.TextInput`) or drops it.
+
+  Record i is record i - offset[s] of shard s, offsets from `lengths` (records per shard, as
+  metadata.json's `shard_lengths` lists them; counted by opening each shard only when not
+  given). A shard is opened (`open_shard`) at its first read and stays open until `release`
+  drops the last `hold` on it or `close`: the global reader keeps every shard it touched open,
+  the sharded reader (`input_pipeline.pipeline`) holds a shard only while it reads it. Memory:
+  O(shards) plus the open shards' indexes (~8 bytes per record). Thread-safe; picklable
+  (a copy opens its own readers).
   """
 
-  def __init__(self, paths: Sequence[str], version: int):
-    import grain
-    self._records = grain.sources.ArrayRecordDataSource(list(paths))
+  def __init__(self, paths: Sequence[str], version: int, lengths: Sequence[int] | None = None):
+    self._paths = [os.fspath(p) for p in paths]
     self._version = version
+    if lengths is None:   # a dataset written without shard_lengths: count once
+      lengths = [self._count(p) for p in self._paths]
+    if len(lengths) != len(self._paths):
+      raise ValueError(f'{len(lengths)} shard lengths for {len(self._paths)} shards')
+    self.paths = tuple(self._paths)
+    self.shard_lengths = tuple(int(n) for n in lengths)
+    self._offsets = np.concatenate([[0], np.cumsum(self.shard_lengths, dtype=np.int64)])
+    self.__setstate__(self.__dict__)
+
+  @staticmethod
+  def _count(path: str) -> int:
+    reader = open_shard(path)
+    try:
+      return int(reader.num_records())
+    finally:
+      reader.close()
+
+  def __getstate__(self) -> dict:
+    return {k: v for k, v in self.__dict__.items() if k not in ('_readers', '_holds', '_lock')}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._readers, self._holds, self._lock = {}, {}, threading.Lock()
 
   def __len__(self) -> int:
-    return len(self._records)
+    return int(self._offsets[-1])
+
+  def shard_offset(self, shard: int) -> int:
+    """Index of shard `shard`'s first record."""
+    return int(self._offsets[shard])
+
+  def open_shards(self) -> list[int]:
+    """The shards open now, in order."""
+    with self._lock:
+      return sorted(self._readers)
+
+  def hold(self, shard: int) -> None:
+    """Marks `shard` as being read (it stays open until the matching `release`)."""
+    with self._lock:
+      self._holds[shard] = self._holds.get(shard, 0) + 1
+
+  def release(self, shard: int) -> None:
+    """Ends one `hold` of `shard`; closes it when no hold is left."""
+    with self._lock:
+      left = self._holds.get(shard, 0) - 1
+      if left > 0:
+        self._holds[shard] = left
+        return
+      self._holds.pop(shard, None)
+      reader = self._readers.pop(shard, None)
+    if reader is not None:
+      reader.close()
+
+  def close(self) -> None:
+    """Closes every open shard (a later read reopens it)."""
+    with self._lock:
+      readers, self._readers, self._holds = list(self._readers.values()), {}, {}
+    for reader in readers:
+      reader.close()
+
+  def _record(self, i: int) -> bytes:
+    if not 0 <= i < len(self):
+      raise IndexError(f'record {i} of {len(self)}')
+    shard = int(np.searchsorted(self._offsets, i, 'right')) - 1
+    with self._lock:
+      reader = self._readers.get(shard)
+      if reader is None:
+        reader = self._readers[shard] = open_shard(self._paths[shard])
+      reader.seek(i - int(self._offsets[shard]))
+      return reader.read()
 
   def __getitem__(self, i: int) -> dict:
     from input_pipeline.records import decode_record_text
-    labels, image, text = decode_record_text(self._records[i], self._version)
+    labels, image, text = decode_record_text(self._record(int(i)), self._version)
     example = {'image': image, 'label': int(labels[0]) if len(labels) == 1 else labels}
     if text is not None:
       example['text'] = text
     return example
+
+
+def records_of(source: Any) -> RecordSource | None:
+  """The `RecordSource` under `source`'s index-preserving wrappers (`CheckedLabels`,
+  `NoisyLabels`: element i is made from record i alone), else None (in-memory, tfds or
+  synthetic data, or a `ClassSubset`): what the sharded reader can read shard by shard."""
+  while isinstance(source, (CheckedLabels, NoisyLabels)):
+    source = source._source
+  return source if isinstance(source, RecordSource) else None
 
 
 class TfdsSource:
@@ -530,7 +628,8 @@ def _read_metadata(ds: ml_collections.ConfigDict) -> dict:
 def _arrayrecord_source(ds: ml_collections.ConfigDict, split: str):
   from input_pipeline import records
   meta = _read_metadata(ds)
-  source = RecordSource(records.split_paths(ds.data_dir, split), meta['format_version'])
+  source = RecordSource(records.split_paths(ds.data_dir, split), meta['format_version'],
+                        meta['splits'][split].get('shard_lengths'))
   return source, tuple(meta['class_names']), meta['multi_label'], meta['max_labels_per_image']
 
 

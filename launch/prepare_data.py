@@ -128,7 +128,9 @@ NAMED_NPZ = {
     'caltech101_npz': {'train': 'caltech101_train_64px_jpegq90.npz',
                        'test': 'caltech101_test_64px_jpegq90.npz'},
 }
-_SHARD_BYTES = 256 << 20  # target shard size when --num_shards is not given
+_SHARD_BYTES = 256 << 20  # target shard size when --num_shards is not given ...
+SHARD_RECORDS = 10_000    # ... and most records per shard: enough shards for every process
+                          # and reader stream of the sharded reader (issue 29, BENCHMARKS.md)
 _MAX_SKIPPED_LISTED = 1000
 _TMP_PREFIX = '.prepare-tmp-'
 _SHARD_RE = re.compile(r'.+\.array_record-\d{5}-of-\d{5}$')
@@ -994,8 +996,16 @@ def _replace_dataset(out_dir: str, tmp_dir: str) -> None:
   os.replace(os.path.join(tmp_dir, records.METADATA_FILE), meta_path)  # the commit point
 
 
+def default_num_shards(num_items: int, num_bytes: int, shard_records: int = SHARD_RECORDS) -> int:
+  """Shards for a split of `num_items` images of `num_bytes` in all: enough that none holds
+  more than ~256 MiB or more than `shard_records` records."""
+  if shard_records < 1:
+    raise ValueError(f'shard_records must be >= 1, got {shard_records}.')
+  return max(1, math.ceil(num_bytes / _SHARD_BYTES), math.ceil(num_items / shard_records))
+
+
 def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
-            num_shards: Optional[int] = None, tfds_data_dir: Optional[str] = None,
+            num_shards: Optional[int] = None, shard_records: int = SHARD_RECORDS, tfds_data_dir: Optional[str] = None,
             image_key: Optional[str] = None, label_key: Optional[str] = None,
             splits: Optional[Sequence[str]] = None, num_workers: Optional[int] = None,
             labels_file: Optional[str] = None, class_names_file: Optional[str] = None,
@@ -1005,7 +1015,8 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
   """Writes the ArrayRecord dataset of `source` (see module docstring) to `out_dir`.
 
   `holdout_split` makes a new split of a seeded `holdout_fraction` of split `holdout_from`
-  (`_hold_out`). `num_shards` applies to every split (default: about one per 256 MiB). Any dataset already in
+  (`_hold_out`). `num_shards` applies to every split (default `default_num_shards`: at most
+  ~256 MiB and `shard_records` records each). Any dataset already in
   `out_dir` is replaced as a whole (other files there are left alone). Returns the metadata.
   The other arguments are the command-line flags of the same names. Raises LabelsFileError
   (file:line of every problem) for unusable labels input, ValueError / FileNotFoundError for
@@ -1030,6 +1041,7 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
     raise ValueError(f'No images found in {src.description}.')
   if num_shards is not None and num_shards < 1:
     raise ValueError(f'num_shards must be >= 1, got {num_shards}.')
+  default_num_shards(1, 0, shard_records)   # checks shard_records
 
   os.makedirs(out_dir, exist_ok=True)
   for name in os.listdir(out_dir):  # leftovers of interrupted runs
@@ -1043,7 +1055,8 @@ def prepare(source: str, out_dir: str, *, input_dir: Optional[str] = None,
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # Pillow decodes without the GIL
       for split, spec in src.splits.items():
         t = time.time()
-        shards = num_shards or max(1, math.ceil(spec.num_bytes / _SHARD_BYTES))
+        shards = num_shards or default_num_shards(spec.num_items, spec.num_bytes,
+                                                  shard_records)
         shards = min(shards, spec.num_items)
         split_meta[split] = _write_split(split, spec, len(src.class_names), shards, tmp_dir,
                                          pool, stats, log)
@@ -1205,7 +1218,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       'tfds:NAME | mosaic:NPZ_SOURCE')
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--input_dir', help='folder of the npz files, or root of an image folder')
-  parser.add_argument('--num_shards', type=int, help='shards per split (default ~256 MiB each)')
+  parser.add_argument('--num_shards', type=int, help='shards per split (default: at most '
+                      '~256 MiB and --shard_records records each)')
+  parser.add_argument('--shard_records', type=int, default=SHARD_RECORDS,
+                      help=f'most records per shard when --num_shards is not given (default '
+                      f'{SHARD_RECORDS:,})')
   parser.add_argument('--tfds_data_dir', help='TFDS data_dir (for tfds:NAME)')
   parser.add_argument('--image_key', help='TFDS image feature (default: image)')
   parser.add_argument('--label_key', help='TFDS label feature (default: label)')
@@ -1228,6 +1245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   args = parser.parse_args(argv)
   try:
     prepare(args.source, args.out, input_dir=args.input_dir, num_shards=args.num_shards,
+            shard_records=args.shard_records,
             tfds_data_dir=args.tfds_data_dir, image_key=args.image_key,
             label_key=args.label_key, splits=args.splits.split(',') if args.splits else None,
             num_workers=args.num_workers, labels_file=args.labels_file,
