@@ -48,17 +48,27 @@ def test_step_metrics_are_read_one_step_late_and_written_when_due():
   assert writer.rows[-1] == (3, {'loss': 1.0})
 
 
-@pytest.mark.parametrize('loss, finite, what', [(float('nan'), True, 'loss'),
-                                                (1.0, False, 'parameter update')])
-def test_a_non_finite_step_names_itself_and_the_last_checkpoint(loss, finite, what):
-  m = StepMetrics(_Writer(), log_every=1)
-  m.last_saved = 4
+@pytest.mark.parametrize('loss, finite, what, first_bad', [
+    (float('nan'), True, 'loss (nan) on the parameters of step 5', 5),
+    (1.0, False, 'parameter update', 6)])
+def test_a_non_finite_step_condemns_the_checkpoints_of_its_parameters(loss, finite, what,
+                                                                      first_bad):
+  """Checkpoint s holds the parameters of step s + 1's loss: a NaN loss at step 6 makes
+  checkpoint 5 bad; a NaN update of a finite loss at step 6 only step 6's parameters."""
+  asked = []
+  m = StepMetrics(_Writer(), log_every=1,
+                  set_aside=lambda s: asked.append(s) or (4, ['ckpt/5.nonfinite']))
   m.add(6, _metrics(loss, finite))
   with pytest.raises(FloatingPointError) as err:
     m.add(7, _metrics(1.0))
-  assert str(err.value).startswith(f'non-finite {what}')
-  assert 'at step 6 (steps up to 5 were finite)' in str(err.value)
-  assert 'Last good checkpoint: step 4.' in str(err.value)
+  assert asked == [first_bad]
+  assert str(err.value).startswith(f'non-finite {what} at step 6 (the losses up to step '
+                                   f'{first_bad} were finite)')
+  assert 'moved aside: ckpt/5.nonfinite.' in str(err.value)
+  assert 'Last good checkpoint: step 4;' in str(err.value)
+  none_left = StepMetrics(_Writer(), log_every=1)
+  with pytest.raises(FloatingPointError, match='No good checkpoint is left'):
+    none_left.read(1, _metrics(loss, finite))
 
 
 def test_progress_line_shows_every_metric():

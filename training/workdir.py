@@ -91,8 +91,10 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       while os.path.exists(kept):
         kept, n = os.path.join(workdir, f'config.{step}-{n}.json'), n + 1
       os.replace(path, kept)
+      what = (f'The config of steps 1-{step} is kept as {kept}.' if step else
+              f'The previous config (no checkpoint of it is left) is kept as {kept}.')
       print(f'Config changed since step {step} ({len(changes)} fields): ' + '; '.join(changes)
-            + f'. The config of steps 1-{step} is kept as {kept}.', flush=True)
+            + f'. {what}', flush=True)
   tmp = f'{path}.{os.getpid()}.tmp'
   with open(tmp, 'w') as f:
     f.write(text)
