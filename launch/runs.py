@@ -52,5 +52,6 @@ def _each(config: ConfigDict, workdir: str, run: Callable[[ConfigDict, str], dic
     results[name] = run(run_config, os.path.join(workdir, name))
     if not results[name]:
       return results
-  print(side_by_side(results), flush=True)
+  classes = {c.dataset.num_classes for c in config.runs.values()}   # resolved by the runs
+  print(side_by_side(results, num_classes=classes.pop() if len(classes) == 1 else 0), flush=True)
   return results

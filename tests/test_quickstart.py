@@ -12,9 +12,12 @@ INFO = re.compile(r'^I\d{4} ')   # an absl INFO line: I<mmdd> <time> <thread> <f
 
 def _table(stdout: str) -> dict:
   """The closing markdown table: {run: {column: cell}}."""
-  lines = stdout.strip().splitlines()[-2 - len(RUNS):]
-  header = [c.strip() for c in lines[0].strip('|').split('|')]
-  rows = [[c.strip() for c in line.strip('|').split('|')] for line in lines[2:]]
+  lines = stdout.strip().splitlines()
+  start = max(i for i, line in enumerate(lines) if line.startswith('| run '))
+  header = [c.strip() for c in lines[start].strip('|').split('|')]
+  rows = [[c.strip() for c in line.strip('|').split('|')]
+          for line in lines[start + 2:start + 2 + len(RUNS)]]
+  assert lines[start + 2 + len(RUNS)].startswith('| chance (uniform 1/10) ')   # the baseline
   return {row[0]: dict(zip(header[1:], row[1:])) for row in rows}
 
 
