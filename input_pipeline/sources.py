@@ -23,6 +23,10 @@ class LabelError(ValueError):
   """A dataset's labels do not fit the config: out of range, unlabelled, too many per image."""
 
 
+class EmptySplitError(ValueError):
+  """A split, as the config selects it (class subset included), holds no examples."""
+
+
 def bad_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
   """The entries of `labels` (any shape; -1 padding of label sets excluded by the caller)
   outside [0, num_classes)."""
@@ -661,11 +665,27 @@ def _labels_up_front(source: Any, probe: int = 64) -> np.ndarray:
   return np.concatenate([np.atleast_1d(source[int(i)]['label']) for i in idx] or [[]])
 
 
+def _empty_split(ds: ml_collections.ConfigDict, split: str, where: str,
+                 names: Sequence[str]) -> EmptySplitError:
+  field = 'dataset.train_split' if split == ds.train_split else 'dataset.eval_split'
+  if ds.classes:
+    chosen = f' ({", ".join(map(repr, names))})' if names else ''
+    why = (f'none of its examples is of the classes dataset.classes={tuple(ds.classes)}{chosen}: '
+           'select classes this split has images of, or add images of them and re-prepare '
+           'the data')
+  else:
+    why = (f'it holds no examples (every record skipped, or none there): set {field} to a '
+           'split with examples, or re-prepare the data (python -m launch.prepare_data) with '
+           'images in it')
+  return EmptySplitError(f'{where} ({field}) is empty as selected: {why}.')
+
+
 def build_source(ds: ml_collections.ConfigDict, split: str, seed: int,
                  train: bool) -> tuple[Any, DatasetInfo]:
   """The source for `split` of the configured dataset, and its info.
 
-  Raises LabelError when the labels do not fit the config: values outside
+  Raises EmptySplitError when the split, as selected (`dataset.classes`), holds no examples;
+  LabelError when the labels do not fit the config: values outside
   [0, dataset.num_classes) (all negative: an unlabelled split), a multi-label dataset read as
   single-label, more labels per image than `dataset.max_labels`.
   """
@@ -703,6 +723,8 @@ def build_source(ds: ml_collections.ConfigDict, split: str, seed: int,
   if ds.classes:
     source = ClassSubset(source, ds.classes)
     names = tuple(names[c] for c in ds.classes) if names else ()
+  if not len(source):
+    raise _empty_split(ds, split, where, names)
   if names and len(names) != ds.num_classes:
     raise ValueError(f'dataset has {len(names)} classes but config.dataset.num_classes = '
                      f'{ds.num_classes}')

@@ -152,6 +152,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
   # ----- Input: grain, sharded per process; assembled into global arrays per step.
   train_source = exp.train_source
+  exp.eval_source   # built now, so an eval split that selects nothing stops before step 1
   train_iter = iter(train_dataset(
       train_source, global_batch=config.input.batch_size, seed=config.seed,
       augment=config.input.train_augment, image_size=config.input.image_size,

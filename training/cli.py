@@ -25,11 +25,11 @@ def user_errors() -> tuple:
   """Exceptions that mean bad input (a missing file, a config that does not fit its data, a
   workdir of another model, a NaN stop...), whose messages say what to do."""
   from training.resolve import ConfigError
-  from input_pipeline.sources import LabelError
+  from input_pipeline.sources import EmptySplitError, LabelError
   from training.checkpointing import IncompatibleCheckpointError
   from training.workdir import WorkdirInUseError
   return (FileNotFoundError, IncompatibleCheckpointError, WorkdirInUseError,
-          FloatingPointError, LabelError, ConfigError)
+          FloatingPointError, LabelError, EmptySplitError, ConfigError)
 
 
 # The config file that loads a workdir's saved config, named by path (no library imports a config).
