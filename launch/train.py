@@ -234,6 +234,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
   # ----- End: the last step's metrics; the final evaluation unless preempted.
   step_metrics.close()
+  del batch   # its grain shared memory is unlinked now, not leaked at the interpreter's exit
   final_step = int(jax.device_get(state.step))
   if final_step < num_steps:
     return {}

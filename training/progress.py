@@ -10,6 +10,7 @@ time. Only process 0 prints.
   with timed('compiling the train step'): compiled = lowered.compile()
 """
 import contextlib
+import gc
 import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, TextIO
@@ -82,13 +83,19 @@ class Reported:
 
   def __iter__(self) -> Iterator[Any]:
     progress, done = Progress(self.what, self.total, self.unit), 0
+    iterator, item = iter(self.items), None
     try:
-      for item in self.items:
+      for item in iterator:
         yield item
         done += 1
         progress.update(done)
     finally:
       progress.close()
+      # An exhausted grain mp_prefetch iterator holds its last batch (in shared memory) in a
+      # reference cycle (StopIteration traceback -> frame); left to the interpreter's exit,
+      # it ends as "resource_tracker: ... leaked shared_memory objects". Free it now.
+      del iterator, item
+      gc.collect()
 
 
 @contextlib.contextmanager
