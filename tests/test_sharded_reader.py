@@ -146,11 +146,19 @@ def test_a_resume_with_another_stream_count_is_adopted_or_named(data_dir):
     pipeline._examples_consumed(state)                 # the global reader given this state
 
 
-def test_batches_and_resume_are_the_same_with_2_grain_workers(data_dir):
-  reference, _ = _run(_source(data_dir), 8, p=1, num_p=2)
-  first, state = _run(_source(data_dir), 3, p=1, num_p=2, workers=2)
-  rest, _ = _run(_source(data_dir), 5, p=1, num_p=2, state=state)  # resumed in-process
-  assert _ids(first + rest) == _ids(reference)
+def test_2_processes_x_2_grain_workers_read_every_example_once_and_resume_in_process(data_dir):
+  """Real grain worker processes: each runs one stream, so the batches equal the in-process
+  ones, and a position saved with 2 workers resumes exactly with none."""
+  per_epoch = N // (2 * BATCH)
+  seen = []
+  for p in (0, 1):
+    first, state = _run(_source(data_dir), per_epoch, p=p, num_p=2, workers=2)
+    seen += _ids(first)
+  assert sorted(seen) == list(range(N))
+  reference, _ = _run(_source(data_dir), per_epoch + 3, p=1, num_p=2)
+  assert _ids(first) == _ids(reference[:per_epoch])
+  rest, _ = _run(_source(data_dir), 3, p=1, num_p=2, state=state)   # resumed in-process
+  assert _ids(rest) == _ids(reference[per_epoch:])
 
 
 def test_choose_reader():
