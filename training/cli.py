@@ -6,14 +6,16 @@ not a traceback, and library logs stay quiet.
 Quiet: without `--verbosity` (`-v`) logging is at WARNING, so a tool prints its own
 progress, eval and error lines and any warning, not the INFO lines of orbax, JAX, absl and the
 project's diagnostics (mesh, memory, optimizer groups); `--verbosity=0` (`-v 0`) shows them
-all, as absl's default does. Tools on argparse (`launch.prepare_data`, `launch.prepare_text`)
-never start absl's logging, whose level is then WARNING as well.
+all, as absl's default does. Two orbax warnings about what the project does on purpose are
+dropped at any verbosity (`ExpectedOrbaxWarnings`). Tools on argparse (`launch.prepare_data`,
+`launch.prepare_text`) never start absl's logging, whose level is then WARNING as well.
 
   if __name__ == '__main__':
     cli.run(main)                                          # --config defaults to --workdir's
     cli.run(main, configs={'config': 'workdir', 'det_config': 'det_workdir'})
 """
 import contextlib
+import logging as logging_std
 import os
 import sys
 from typing import Callable, Mapping, Sequence
@@ -21,15 +23,37 @@ from typing import Callable, Mapping, Sequence
 from absl import app, flags, logging
 
 
+class ExpectedOrbaxWarnings(logging_std.Filter):
+  """Drops orbax's warnings about what this project does on purpose, nothing else: 'Given
+  directory is read only' (eval, warm starts and `--mode=eval` open checkpoints read-only)
+  and 'Item "data" was found in the checkpoint, but could not be restored' (item 'data' is
+  the grain iterator's position: only resuming a run reads it; evaluating a checkpoint or
+  warm-starting from it, as LLC phase 2 does from phase 1, reads the model alone)."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    msg = str(record.msg)
+    if msg.startswith('Given directory is read only'):
+      return False
+    return not (msg.startswith('Item "%s" was found in the checkpoint, but could not')
+                and record.args and record.args[0] == 'data')
+
+
+def quiet_expected_warnings() -> None:
+  """Installs `ExpectedOrbaxWarnings` on absl's logger (orbax logs through it), once."""
+  logger = logging.get_absl_logger()
+  if not any(isinstance(f, ExpectedOrbaxWarnings) for f in logger.filters):
+    logger.addFilter(ExpectedOrbaxWarnings())
+
+
 def user_errors() -> tuple:
   """Exceptions that mean bad input (a missing file, a config that does not fit its data, a
   workdir of another model, a NaN stop...), whose messages say what to do."""
   from training.resolve import ConfigError
   from input_pipeline.sources import EmptySplitError, LabelError
-  from training.checkpointing import IncompatibleCheckpointError
+  from training.checkpointing import DamagedCheckpointError, IncompatibleCheckpointError
   from training.workdir import WorkdirInUseError
-  return (FileNotFoundError, IncompatibleCheckpointError, WorkdirInUseError,
-          FloatingPointError, LabelError, EmptySplitError, ConfigError)
+  return (FileNotFoundError, IncompatibleCheckpointError, DamagedCheckpointError,
+          WorkdirInUseError, FloatingPointError, LabelError, EmptySplitError, ConfigError)
 
 
 # The config file that loads a workdir's saved config, named by path (no library imports a config).
@@ -86,6 +110,7 @@ def run(main: Callable, configs: Mapping[str, str] = {'config': 'workdir'},  # p
   def wrapped(args):
     if not flags.FLAGS['verbosity'].present:   # app.run has just set INFO: quiet instead
       logging.set_verbosity(logging.WARNING)
+    quiet_expected_warnings()
     with one_line_errors(user_errors_too):
       return main(args)
   app.run(wrapped, argv=argv)
