@@ -112,6 +112,10 @@ def base_config() -> ConfigDict:
 
   c.eval = ConfigDict()
   c.eval.num_bins = 15             # ECE bins
+  c.eval.map_bins = 512            # mAP: per-class histogram bins, uniform in logit(p); with
+  c.eval.map_top_k = 64            # the top-k scores of each class kept exactly, mAP agrees with
+                                   # scikit-learn's to the 'map_error_bound' it reports
+                                   # (evaluation.evaluator.MAP_DOC); memory K x (8 bins + 5 k) B
   c.eval.max_examples = 0          # 0: the whole eval split
 
   c.mesh = ConfigDict()

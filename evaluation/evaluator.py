@@ -1,75 +1,370 @@
-"""One pass over the eval split, counted once per real example.
+"""One pass over the eval split, counted once per real example, accumulated on the devices.
 
 Single-label data (labels [B]): accuracy, NLL of the label under the head's predicted
 distribution, top-1 ECE. Multi-label data (label sets [B, L], see `heads.base`), the JFT
 protocol of big_vision and uncertainty-baselines: prec@1 (the top-scoring class is one of the
 image's labels; images without labels are left out), mAP (mean over classes with at least one
-positive of scikit-learn's average precision), the per-example NLL of the head's link
-(sigmoid: binary cross-entropy summed over classes; softmax: cross-entropy against the
-normalised multi-hot), and top-1 ECE; `calibration` and `nll_definition` in the results
-name what the numbers are.
+positive of the average precision of scikit-learn's `average_precision_score`), the per-example
+NLL of the head's link (sigmoid: binary cross-entropy summed over classes; softmax:
+cross-entropy against the normalised multi-hot), and top-1 ECE; `calibration`,
+`nll_definition`, `map_method` and `map_error_bound` in the results name what the numbers are.
+
+Nothing of size N (eval examples) x K (classes) exists anywhere, and no [B, K] array leaves
+the devices: each batch's logits [B, K_pad] (class dimension split over the 'model' mesh axis,
+batch over the others) are folded into an accumulator pytree that the step takes, donates and
+returns (`EvalStep`): sums for accuracy / prec@1, NLL, counts and the reliability-bin
+statistics (replicated), and for label sets per class a ranking summary (`MAP_DOC`) split over
+'model' on the class dimension. Per-device memory: O(B x K / model) for the batch's
+probabilities plus O(K x (map_bins + map_top_k) / model) for the accumulator.
+
+Classes at or beyond `model.head.num_classes` (the padding of a class dimension split over
+'model', `heads.base.padded_size`) are masked to `PADDED_LOGIT` before anything is computed
+(probability 0, loss 0, never the top-1) and left out of mAP, whether or not the head already
+masked them.
 """
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from absl import logging
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from evaluation.calibration import bin_statistics, expected_calibration_error
-from heads.base import has_label, link_loss, probabilities, top1_correct
+from evaluation.calibration import expected_calibration_error
+from heads.base import (PADDED_LOGIT, class_targets, has_label, link_loss, probabilities,
+                        real_classes, top1_correct)
 from input_pipeline.pipeline import device_batches
-from training.mesh import batch_sharding
+from training.mesh import batch_axes, batch_sharding
 from training.model import step_rngs
 
 EVAL_SEED = 20260101  # fixed: MC heads draw the same noise on every evaluation
-MAP_MAX_SCORES = 2**28  # eval examples x classes kept on the host for mAP (1 GiB of float32)
+DEFAULTS = ml_collections.ConfigDict({'num_bins': 15, 'map_bins': 512, 'map_top_k': 64})
+LOGIT_RANGE = (-24.0, 17.0)  # logit(p) spanned by the mAP histogram (1 - 2^-24 -> 16.6)
 NLL_DEFINITION = ('mean over images of the per-image NLL of the head\'s link, in nats: '
                   "link='sigmoid': binary cross-entropy summed over classes; link='softmax': "
                   'cross-entropy against the normalised multi-hot target')
 CALIBRATION = ('top-1 ECE: confidence = predicted probability of the top-scoring class, '
                'correct = that class is one of the labels; {bins} equal-width bins, images '
                'with labels only')
+MAP_DOC = """mAP from a per-class ranking summary, for any N and K.
+
+Per class k the accumulator keeps (1) the `map_top_k` = M highest probabilities with their
+labels, exactly, and (2) histograms pos[k, b], neg[k, b] of the positives and negatives of every
+other example over `map_bins` bins of the probability p: bin 0 holds p = 0 exactly, the last bin
+p = 1 exactly (ties, as float32 saturates), the bins between split logit(p) = log p - log(1 - p)
+uniformly over LOGIT_RANGE (clipped). Logit space resolves both ends, where sigmoid probabilities
+crowd (negatives near 0, confident positives near 1) and softmax probabilities at large K are
+tiny (logit(p) ~ log p). Each data-parallel replica keeps its own summary of the examples it saw
+(no communication per batch); they are merged once at the end.
+
+Let E be the examples whose p is above every example outside the merged top M (all of the top
+M but a tie at the M-th value; every example when N < M). Their ranks are known, so their
+precisions are those of scikit-learn, ties included. For a positive in bin b below E, with
+T'_b, F'_b the positives / negatives of E and of the bins above b, and p_b, n_b those inside b,
+the precision at its threshold, P = tp / (tp + fp), has tp in [T'_b + 1, T'_b + p_b] and fp in
+[F'_b, F'_b + n_b], so P lies in [lo_b, hi_b] = [(T'_b + 1) / (T'_b + 1 + F'_b + n_b),
+(T'_b + p_b) / (T'_b + p_b + F'_b)]. We estimate it by the midpoint ranks (the bin's examples in
+random order) est_b = (T'_b + (p_b + 1) / 2) / (T'_b + F'_b + (p_b + 1) / 2 + n_b / 2), which
+lies in that interval (tie bins: the tie precision, exact). So per class
+
+  |AP_hist - AP_sklearn| <= (1 / npos) sum_b p_b max(hi_b - est_b, est_b - lo_b)
+                         <= (1 / npos) sum_b p_b max(p_b - 1, n_b) / (T_b + F_b),
+
+T_b + F_b (>= |E| ~ M) the examples at or above bin b: the error is the share of examples
+that sit in a positive's bin among those ranked above it. The mean of the first bound over the
+classes averaged is returned as `map_error_bound`, a guarantee for the data at hand (0: exact).
+The top-M set makes the bound small where fixed bins cannot (at the top of a class's ranking,
+where few examples are above); the bins need only resolve the bulk. With M = 64, 512 bins, on
+JFT-like sigmoid scores (N = 50,000, 0-7 positives a class, positives' logits N(-2, 3) among
+negatives' N(-8, 2)), on negatives crowding the positives (N(-3, 1) vs N(-2.5, 1)) and on
+softmax K = 500 the measured error was 1e-5 and the bound 4e-4 at most (tests/test_eval_scaling.py
+checks the bound and 1e-3 against scikit-learn on such inputs).
+"""
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh, state_shardings: Any) -> Callable:
-  """jit(params, batch_stats, batch) -> per-example results, replicated.
+def _row_axes(mesh: Mesh) -> tuple:
+  """The mesh axes a batch's logits split their rows over: every batch axis but 'model'."""
+  return tuple(a for a in batch_axes(mesh) if a != 'model')
 
-  Always 'confidence', 'correct', 'nll', 'mask' [B]; for label sets also 'labelled' [B],
-  'scores' [B, K] (class probabilities, for mAP) and 'label' [B, L].
+
+def _class_axis(mesh: Mesh) -> Optional[str]:
+  return 'model' if 'model' in mesh.axis_names else None
+
+
+def map_bin(p: jax.Array, map_bins: int) -> jax.Array:
+  """The histogram bin (int32, same shape) of probabilities p in [0, 1] (`MAP_DOC`)."""
+  lo, hi = LOGIT_RANGE
+  logit = jnp.log(p) - jnp.log1p(-p)
+  inner = 1 + jnp.clip(jnp.floor((logit - lo) * ((map_bins - 2) / (hi - lo))), 0, map_bins - 3)
+  return jnp.where(p <= 0, 0, jnp.where(p >= 1, map_bins - 1, inner)).astype(jnp.int32)
+
+
+def _rank_update(top_p, top_y, pos, neg, probs, labels, mask, *, class_axis, map_bins):
+  """shard_map body: folds one data shard's [b, k] probabilities into its class block's summary.
+
+  top_p / top_y [1, k, M]: the M highest p seen so far and their labels (1 positive, 0
+  negative, -1 none yet, p = -1); pos / neg [1, k, map_bins] int32: everything else."""
+  k, m = probs.shape[1], top_p.shape[-1]
+  first = jax.lax.axis_index(class_axis) * k if class_axis else 0
+  classes = first + jnp.arange(k, dtype=labels.dtype)
+  positive = jnp.any(labels[:, :, None] == classes, axis=1).T          # [k, b], fused
+  real = mask[None, :] > 0
+  p = jnp.concatenate([top_p[0], jnp.where(real, probs.T, -1.0)], axis=1)
+  y = jnp.concatenate([top_y[0], jnp.where(real, positive.astype(jnp.int8), -1)], axis=1)
+  neg_p, y = jax.lax.sort((-p, y), dimension=1, num_keys=1)
+  p = -neg_p
+  rows, bins = jnp.arange(k)[:, None], map_bin(p[:, m:], map_bins)
+  pos = pos[0].at[rows, bins].add((y[:, m:] == 1).astype(jnp.int32))
+  neg = neg[0].at[rows, bins].add((y[:, m:] == 0).astype(jnp.int32))
+  return p[None, :, :m], y[None, :, :m], pos[None], neg[None]
+
+
+def _average_precision(top_p, top_y, pos, neg, *, row_axes, map_bins):
+  """shard_map body: per class of this block, (AP, its error bound, number of positives), [k]
+  each, from every data shard's summary (`MAP_DOC`)."""
+  m = top_p.shape[-1]
+  top_p, top_y, pos, neg = top_p[0], top_y[0], pos[0], neg[0]
+  if row_axes:
+    top_p = jax.lax.all_gather(top_p, row_axes, axis=1, tiled=True)
+    top_y = jax.lax.all_gather(top_y, row_axes, axis=1, tiled=True)
+    pos, neg = jax.lax.psum(pos, row_axes), jax.lax.psum(neg, row_axes)
+  neg_p, y = jax.lax.sort((-top_p, top_y), dimension=1, num_keys=1)
+  p = -neg_p
+  # E: the top M strictly above the M-th value; the rest joins the histograms.
+  exact = p[:, :m] > p[:, m - 1:m]
+  rest_y = jnp.concatenate([jnp.where(exact, -1, y[:, :m]), y[:, m:]], axis=1)
+  rows, bins = jnp.arange(p.shape[0])[:, None], map_bin(p, map_bins)
+  pos = (pos.at[rows, bins].add((rest_y == 1).astype(jnp.int32))).astype(jnp.float32)
+  neg = (neg.at[rows, bins].add((rest_y == 0).astype(jnp.int32))).astype(jnp.float32)
+  # Exact precisions in E, at the end of each tie group (scikit-learn's thresholds).
+  tp = jnp.cumsum(exact & (y[:, :m] == 1), axis=1).astype(jnp.float32)
+  fp = jnp.cumsum(exact & (y[:, :m] == 0), axis=1).astype(jnp.float32)
+  last = jnp.concatenate([p[:, 1:m] != p[:, :m - 1], jnp.ones_like(p[:, :1], bool)], axis=1)
+  end = jax.lax.cummin(jnp.where(last, jnp.arange(m), m), axis=1, reverse=True)
+  tp_end, fp_end = jnp.take_along_axis(tp, end, 1), jnp.take_along_axis(fp, end, 1)
+  exact_sum = jnp.sum(jnp.where(exact & (y[:, :m] == 1), tp_end / jnp.maximum(tp_end + fp_end,
+                                                                             1.0), 0.0), 1)
+  # Histogram bins from the top down, after E.
+  above_t = tp[:, -1:] + jnp.cumsum(pos[:, ::-1], 1)[:, ::-1] - pos      # T'_b
+  above_f = fp[:, -1:] + jnp.cumsum(neg[:, ::-1], 1)[:, ::-1] - neg      # F'_b
+  safe = lambda a, b: a / jnp.maximum(b, 1e-9)
+  est = safe(above_t + (pos + 1) / 2, above_t + above_f + (pos + 1) / 2 + neg / 2)
+  hi = safe(above_t + pos, above_t + pos + above_f)
+  lo = safe(above_t + 1, above_t + 1 + above_f + neg)
+  tie = (jnp.arange(map_bins) == 0) | (jnp.arange(map_bins) == map_bins - 1)
+  est = jnp.where(tie, safe(above_t + pos, above_t + pos + above_f + neg), est)
+  bound = jnp.where(tie, 0.0, jnp.maximum(hi - est, est - lo))
+  npos = tp[:, -1] + pos.sum(1)
+  ap = (exact_sum + jnp.sum(pos * est, 1)) / jnp.maximum(npos, 1.0)
+  return ap, jnp.sum(pos * bound, 1) / jnp.maximum(npos, 1.0), npos
+
+
+class EvalStep:
+  """An eval step on `mesh` over the logits [B, K_pad] of `logits_fn(params, batch_stats,
+  image)`, whose class probabilities are `heads.base.probabilities(link, logits)` with
+  `num_classes` real classes; and what turns its accumulator into metrics.
+
+    step = make_eval_step(model, mesh, state_shardings, config.eval)
+    acc = step.accumulator(params, batch_stats, batch)      # zeros, placed on the mesh
+    acc = step(acc, params, batch_stats, batch)             # per batch; `acc` is donated
+    metrics, bins = step.results(acc)                       # host floats; reliability bins
+
+  `batch` is {'image' [B, ...], 'label' [B] or [B, L], 'mask' [B]} sharded as
+  `training.mesh.batch_sharding`. Ahead-of-time: `step.lower(params, batch_stats, batch)` with
+  jax.ShapeDtypeStructs (carrying their shardings) lowers the step without data.
   """
-  link = model.head.link
 
-  def step(params, batch_stats, batch):
-    out = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
-                      train=False, rngs=step_rngs(jax.random.key(EVAL_SEED), 0, model.head))
-    probs = probabilities(link, out.logits)
-    labels = batch['label']
-    if labels.ndim == 2:
-      return {'confidence': probs.max(-1), 'correct': top1_correct(out.logits, labels),
-              'nll': link_loss(link, out.logits, labels), 'mask': batch['mask'],
-              'labelled': batch['mask'] * has_label(labels), 'scores': probs, 'label': labels}
-    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)  # sigmoid heads: normalised
-    p_label = jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
-    return {'confidence': probs.max(-1),
-            'correct': (probs.argmax(-1) == labels).astype(jnp.float32),
-            'nll': -jnp.log(jnp.maximum(p_label, 1e-30)),
-            'mask': batch['mask']}
+  def __init__(self, logits_fn: Callable, link: str, num_classes: int, mesh: Mesh,
+               in_shardings: tuple, options: Optional[ml_collections.ConfigDict] = None):
+    """in_shardings: those of (params, batch_stats); options: `config.eval`."""
+    options = options or DEFAULTS
+    self.logits_fn, self.link, self.num_classes, self.mesh = logits_fn, link, num_classes, mesh
+    self.num_bins, self.map_bins = int(options.num_bins), int(options.map_bins)
+    self.map_top_k = int(options.map_top_k)
+    if self.map_bins < 3 or self.map_top_k < 1:
+      raise ValueError(f'eval.map_bins must be >= 3 and eval.map_top_k >= 1, got '
+                       f'{self.map_bins} and {self.map_top_k}')
+    self._rows, self._classes = _row_axes(mesh), _class_axis(mesh)
+    self._row_count = int(np.prod([mesh.shape[a] for a in self._rows]))
+    self._class_count = mesh.shape[self._classes] if self._classes else 1
+    self._in = (*in_shardings, batch_sharding(mesh))
+    self._jit_steps = {}
 
-  replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(state_shardings.params, state_shardings.batch_stats,
-                                     batch_sharding(mesh)),
-                 out_shardings=replicated)
+  # ----- The accumulator: its layout, zeros, and the jitted step over it.
+
+  def _layout(self, params, batch_stats, batch) -> dict:
+    """{name: (shape, dtype, PartitionSpec)} of the accumulator for batches like `batch`."""
+    width = jax.eval_shape(self.logits_fn, params, batch_stats, batch['image']).shape[-1]
+    width = -(-width // self._class_count) * self._class_count
+    scalar = ((), jnp.float32, P())
+    layout = {'count': scalar, 'weight': scalar, 'correct': scalar, 'nll': scalar,
+              **{f'bin_{k}': ((self.num_bins,), jnp.float32, P())
+                 for k in ('count', 'confidence', 'correct')}}
+    if batch['label'].ndim == 2:
+      rows = self._rows or None
+      ranked = P(rows, self._classes, None)
+      layout.update(top_p=((self._row_count, width, self.map_top_k), jnp.float32, ranked),
+                    top_y=((self._row_count, width, self.map_top_k), jnp.int8, ranked),
+                    pos=((self._row_count, width, self.map_bins), jnp.int32, ranked),
+                    neg=((self._row_count, width, self.map_bins), jnp.int32, ranked))
+    return layout
+
+  def abstract_accumulator(self, params, batch_stats, batch) -> dict:
+    """The accumulator as jax.ShapeDtypeStructs with their shardings (inputs may be too)."""
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(self.mesh, spec))
+            for k, (s, d, spec) in self._layout(params, batch_stats, batch).items()}
+
+  def accumulator(self, params, batch_stats, batch) -> dict:
+    """A zero accumulator for batches like `batch`, placed on the mesh."""
+    layout = self._layout(params, batch_stats, batch)
+    empty = lambda k, s, d: (jnp.full(s, -1, d) if k in ('top_p', 'top_y') else jnp.zeros(s, d))
+    shardings = {k: NamedSharding(self.mesh, spec) for k, (_, _, spec) in layout.items()}
+    return jax.jit(lambda: {k: empty(k, s, d) for k, (s, d, _) in layout.items()},
+                   out_shardings=shardings)()
+
+  def _step(self, acc, params, batch_stats, batch):
+    logits = self.logits_fn(params, batch_stats, batch['image'])
+    acc = dict(acc)
+    acc.update(accumulate(acc, logits, batch['label'], batch['mask'], link=self.link,
+                          num_classes=self.num_classes, num_bins=self.num_bins))
+    if 'top_p' in acc:
+      acc.update(self._rank(acc, logits, batch['label'], batch['mask']))
+    return acc
+
+  def _rank(self, acc, logits, labels, mask) -> dict:
+    """The mAP summary after this batch (class-sharded, `_rank_update` on each device)."""
+    width = acc['top_p'].shape[1]
+    probs = probabilities(self.link, mask_classes(logits, self.num_classes))
+    if probs.shape[-1] < width:    # a width 'model' does not divide: pad (it is unsplit)
+      probs = jnp.pad(probs, ((0, 0), (0, width - probs.shape[-1])))
+    rows = self._rows or None
+    ranked = P(rows, self._classes, None)
+    body = jax.shard_map(
+        lambda *a: _rank_update(*a, class_axis=self._classes, map_bins=self.map_bins),
+        mesh=self.mesh, in_specs=(ranked,) * 4 + (P(rows, self._classes), P(rows), P(rows)),
+        out_specs=(ranked,) * 4)
+    names = ('top_p', 'top_y', 'pos', 'neg')
+    return dict(zip(names, body(*(acc[n] for n in names), probs, labels, mask)))
+
+  def _jitted(self, acc):
+    """The jitted step for accumulators like `acc` (one for label sets, one for labels)."""
+    kind = tuple(sorted(acc))
+    if kind not in self._jit_steps:
+      shardings = jax.tree.map(lambda a: a.sharding, acc)
+      self._jit_steps[kind] = jax.jit(self._step, in_shardings=(shardings, *self._in),
+                                      out_shardings=shardings, donate_argnums=0)
+    return self._jit_steps[kind]
+
+  def __call__(self, acc, params, batch_stats, batch) -> dict:
+    return self._jitted(acc)(acc, params, batch_stats, batch)
+
+  def lower(self, params, batch_stats, batch) -> jax.stages.Lowered:
+    """The step lowered for inputs like these (jax.ShapeDtypeStructs with shardings are
+    enough): `.compile().memory_analysis()` gives its per-device memory."""
+    acc = self.abstract_accumulator(params, batch_stats, batch)
+    return self._jitted(acc).lower(acc, params, batch_stats, batch)
+
+  # ----- Results.
+
+  def _map(self, acc) -> dict:
+    rows = self._rows or None
+    ranked = P(rows, self._classes, None)
+    body = jax.shard_map(
+        lambda *a: _average_precision(*a, row_axes=self._rows, map_bins=self.map_bins),
+        mesh=self.mesh, in_specs=(ranked,) * 4, out_specs=(P(self._classes),) * 3,
+        check_vma=False)
+    ap, bound, npos = body(acc['top_p'], acc['top_y'], acc['pos'], acc['neg'])
+    keep = real_classes(ap.shape[0], self.num_classes) & (npos > 0)
+    classes = jnp.sum(keep)
+    mean = lambda x: jnp.sum(jnp.where(keep, x, 0.0)) / jnp.maximum(classes, 1)
+    return {'map': mean(ap), 'map_classes': classes, 'map_error_bound': mean(bound)}
+
+  def results(self, acc) -> tuple[dict, dict]:
+    """(metrics, reliability bins {'count', 'confidence', 'correct'} [num_bins]) on the host."""
+    scalars = {k: v for k, v in acc.items() if k not in ('top_p', 'top_y', 'pos', 'neg')}
+    if 'top_p' in acc:
+      scalars.update(jax.jit(self._map)(acc))
+    host = {k: np.asarray(v, np.float64) for k, v in jax.device_get(scalars).items()}
+    bins = {k: np.asarray(host[f'bin_{k}'], np.float64) for k in ('count', 'confidence',
+                                                                   'correct')}
+    n = float(host['count'])
+    if 'map' not in host:
+      return {'num_examples': int(n),
+              'accuracy': float(host['correct'] / n),
+              'nll': float(host['nll'] / n),
+              'ece': expected_calibration_error(bins)}, bins
+    labelled = float(host['weight'])
+    classes = int(host['map_classes'])
+    return {'num_examples': int(n), 'num_labelled': int(labelled),
+            'prec@1': float(host['correct'] / max(labelled, 1.0)),
+            'map': float(host['map']) if classes else None, 'map_classes': classes,
+            'map_error_bound': float(host['map_error_bound']) if classes else None,
+            'map_method': f'top{self.map_top_k}+histogram(bins={self.map_bins})',
+            'nll': float(host['nll'] / n),
+            'ece': expected_calibration_error(bins),
+            'nll_definition': NLL_DEFINITION,
+            'calibration': CALIBRATION.format(bins=self.num_bins)}, bins
+
+
+def mask_classes(logits: jax.Array, num_classes: int) -> jax.Array:
+  """float32 logits [B, K_pad] with every column >= num_classes set to PADDED_LOGIT."""
+  return jnp.where(real_classes(logits.shape[-1], num_classes), logits.astype(jnp.float32),
+                   PADDED_LOGIT)
+
+
+def accumulate(acc: dict, logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
+               link: str, num_classes: int, num_bins: int) -> dict:
+  """The scalar sums and reliability bins of `acc` after one batch (jit-able, any sharding).
+
+  logits [B, K_pad] (columns >= num_classes are masked out), labels [B] or label sets [B, L],
+  mask [B] (1 = real example). Sums: 'count' (real examples), 'weight' (examples in top-1 and
+  ECE: real ones, or for label sets those with a label), 'correct' (accuracy / prec@1 numerator),
+  'nll', and 'bin_count', 'bin_confidence', 'bin_correct' [num_bins] over equal-width
+  confidence bins [i / n, (i + 1) / n) as `evaluation.calibration.bin_statistics`.
+  """
+  logits = mask_classes(logits, num_classes)
+  probs = probabilities(link, logits)
+  if labels.ndim == 2:
+    weight = mask * has_label(labels)
+    correct = top1_correct(logits, labels)
+    nll = link_loss(link, logits, labels)
+  else:   # one label: the head's distribution over classes (sigmoid heads' normalised)
+    weight = mask
+    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    p_label = jnp.sum(probs * class_targets(labels, probs.shape[-1]), axis=-1)
+    correct = (jnp.argmax(probs, -1) == labels).astype(jnp.float32)
+    nll = -jnp.log(jnp.maximum(p_label, 1e-30))
+  confidence = probs.max(-1)
+  in_bin = jnp.clip((confidence * num_bins).astype(jnp.int32), 0, num_bins - 1)
+  one_hot = (in_bin[:, None] == jnp.arange(num_bins)) * weight[:, None]
+  return {'count': acc['count'] + mask.sum(), 'weight': acc['weight'] + weight.sum(),
+          'correct': acc['correct'] + jnp.sum(correct * weight),
+          'nll': acc['nll'] + jnp.sum(nll * mask),
+          'bin_count': acc['bin_count'] + one_hot.sum(0),
+          'bin_confidence': acc['bin_confidence'] + jnp.sum(one_hot * confidence[:, None], 0),
+          'bin_correct': acc['bin_correct'] + jnp.sum(one_hot * correct[:, None], 0)}
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh, state_shardings: Any,
+                   options: Optional[ml_collections.ConfigDict] = None) -> EvalStep:
+  """The `EvalStep` of `model` on `mesh` (its head's link and `num_classes`; the eval noise of
+  MC heads fixed by EVAL_SEED); `options` is `config.eval` (num_bins, map_bins, map_top_k;
+  `DEFAULTS` when None)."""
+  def logits_fn(params, batch_stats, image):
+    out = model.apply({'params': params, 'batch_stats': batch_stats}, image, train=False,
+                      rngs=step_rngs(jax.random.key(EVAL_SEED), 0, model.head))
+    return out.logits
+  return EvalStep(logits_fn, model.head.link, model.head.num_classes, mesh,
+                  (state_shardings.params, state_shardings.batch_stats), options)
 
 
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
-  """mAP over the classes with at least one positive: (mAP, number of those classes).
+  """Host reference: mAP over the classes with at least one positive, (mAP, their number).
 
   scores [N, K] float, targets [N, K] in {0, 1}; per-class average precision as
   `sklearn.metrics.average_precision_score` (step-wise, no interpolation). (nan, 0) when no
-  class has a positive.
+  class has a positive. The evaluator computes mAP on the devices instead (`MAP_DOC`).
   """
   from sklearn.metrics import average_precision_score
   keep = targets.sum(0) > 0
@@ -87,40 +382,14 @@ def multi_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
   return out
 
 
-def evaluate(eval_step: Callable, params: Any, batch_stats: Any, dataset: Any, mesh: Mesh,
-             num_bins: int = 15) -> tuple[dict, dict]:
-  """Runs `dataset` (padded, masked) once. Returns (metrics, reliability bins)."""
-  columns = {}
-  for batch in device_batches(iter(dataset), batch_sharding(mesh)):
-    out = jax.device_get(eval_step(params, batch_stats, batch))
-    for k, v in out.items():
-      columns.setdefault(k, []).append(np.asarray(v))
-    if 'scores' in out and sum(len(s) for s in columns['scores']) * out['scores'].shape[1] > \
-        MAP_MAX_SCORES:
-      del columns['scores']   # too big to keep: no mAP
-      logging.warning('eval: more than %d scores, mAP not computed', MAP_MAX_SCORES)
-  c = {k: np.concatenate(v) for k, v in columns.items()}
-  mask = c['mask']
-  n = float(mask.sum())
-  if 'labelled' not in c:
-    bins = bin_statistics(c['confidence'], c['correct'], num_bins, weights=mask)
-    return {'num_examples': int(n),
-            'accuracy': float((c['correct'] * mask).sum() / n),
-            'nll': float((c['nll'] * mask).sum() / n),
-            'ece': expected_calibration_error(bins)}, bins
-
-  labelled = c['labelled']
-  bins = bin_statistics(c['confidence'], c['correct'], num_bins, weights=labelled)
-  metrics = {'num_examples': int(n), 'num_labelled': int(labelled.sum()),
-             'prec@1': float((c['correct'] * labelled).sum() / max(labelled.sum(), 1.0)),
-             'map': None, 'map_classes': 0,
-             'nll': float((c['nll'] * mask).sum() / n),
-             'ece': expected_calibration_error(bins),
-             'nll_definition': NLL_DEFINITION,
-             'calibration': CALIBRATION.format(bins=num_bins)}
-  if 'scores' in c:
-    real = mask > 0
-    scores = c['scores'][real]
-    metrics['map'], metrics['map_classes'] = mean_average_precision(
-        scores, multi_hot(c['label'][real], scores.shape[1]))
-  return metrics, bins
+def evaluate(eval_step: EvalStep, params: Any, batch_stats: Any,
+             dataset: Any) -> tuple[dict, dict]:
+  """Runs `dataset` (padded, masked batches) once. Returns (metrics, reliability bins)."""
+  acc = None
+  for batch in device_batches(iter(dataset), batch_sharding(eval_step.mesh)):
+    if acc is None:
+      acc = eval_step.accumulator(params, batch_stats, batch)
+    acc = eval_step(acc, params, batch_stats, batch)
+  if acc is None:
+    raise ValueError('evaluate: the eval dataset yielded no batch')
+  return eval_step.results(acc)

@@ -26,7 +26,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: Optional[int] = None) -> dict:
   """Evaluates the latest (or the given) checkpoint in `workdir`; returns the eval record."""
   exp, variables, step = restore_checkpoint(config, workdir, step)
-  eval_step = make_eval_step(exp.model, exp.mesh, exp.shardings)
+  eval_step = make_eval_step(exp.model, exp.mesh, exp.shardings, config.eval)
   metrics, bins = evaluate(eval_step, variables['params'], variables['batch_stats'],
-                           exp.eval_dataset(), exp.mesh, config.eval.num_bins)
+                           exp.eval_dataset())
   return write_eval_report(workdir, step, metrics, bins)

@@ -123,8 +123,7 @@ def _progress(step: int, num_steps: int, metrics: dict, steps_per_sec: float,
 def _evaluate(exp: Experiment, eval_step: Any, state: TrainState, step: int,
               writer: MetricWriter, workdir: str) -> dict:
   """Evaluates `state` on the eval split; writes the scalars and the report; returns them."""
-  metrics, bins = evaluate(eval_step, state.params, state.batch_stats, exp.eval_dataset(),
-                           exp.mesh, exp.config.eval.num_bins)
+  metrics, bins = evaluate(eval_step, state.params, state.batch_stats, exp.eval_dataset())
   writer.write(step, {f'eval/{k}': v for k, v in metrics.items()
                       if isinstance(v, (int, float))})   # not the definitions
   write_eval_report(workdir, step, metrics, bins)
@@ -189,7 +188,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir)))
 
   # ----- Compile once up front, so an out-of-memory shows before step 1.
-  eval_step = make_eval_step(exp.model, exp.mesh, exp.shardings)
+  eval_step = make_eval_step(exp.model, exp.mesh, exp.shardings, config.eval)
   batch = to_global(next(train_iter), data_sharding)
   with timed('compiling the train step'):
     train_step = make_train_step(exp).lower(state, batch).compile()

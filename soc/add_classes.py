@@ -126,16 +126,15 @@ def add_classes(config: ml_collections.ConfigDict, workdir: str, new_workdir: st
     out.close()
 
     # Every class, then old and new classes apart; one report (process 0) holds all three.
-    eval_step = make_eval_step(new.model, new.mesh, new.shardings)
+    eval_step = make_eval_step(new.model, new.mesh, new.shardings, new_config.eval)
     accuracy = {}
     for name, keep in (('old', range(len(old_classes))),
                        ('new', range(len(old_classes), new_config.dataset.num_classes))):
       subset = ClassSubset(new.eval_source, keep, relabel=False)
       metrics, _ = evaluate(eval_step, state.params, state.batch_stats,
-                            new.eval_dataset(subset), new.mesh)
+                            new.eval_dataset(subset))
       accuracy[f'{name}_classes_accuracy'] = metrics['accuracy']
-    metrics, bins = evaluate(eval_step, state.params, state.batch_stats, new.eval_dataset(),
-                             new.mesh)
+    metrics, bins = evaluate(eval_step, state.params, state.batch_stats, new.eval_dataset())
     record = write_eval_report(new_workdir, step, {**metrics, **accuracy}, bins)
   return record
 
