@@ -17,6 +17,9 @@ tau = LO:HI, the learnt temperature's bounds for het / hetxl (default 0.05:5.0, 
 midpoint); tau_lr = M, the temperature's learning-rate multiplier for het / hetxl (default 1;
 10 won on frozen features; end to end at 5 epochs it did not help: BENCHMARKS.md "Label
 noise on frozen features" and "Label noise end to end");
+augment = cifar (default: pad 4 + random crop + horizontal flip) | flip | none, the training
+augmentation (a flip changes what handwriting means: use none there; `config derived`
+prints the one applied);
 epochs; width (ResNet-18 channel multiplier, 1.0 = the real ResNet-18); ood = F holds out a
 seeded fraction F of the classes (`base.hold_out_classes`; OOD data for `evaluation.ood`); runlocal.
 Recipe: ResNet-18 (CIFAR stem on 32 px CIFAR-10, ImageNet stem on 64 px Caltech-101), Adam 1e-3
@@ -35,7 +38,8 @@ DATASETS = {'cifar10': ('cifar', 6), 'caltech101': ('imagenet', 16)}  # stem, HE
 def get_config(arg: str | None = None) -> base.ConfigDict:
   args = base.parse_arg(arg, dataset='cifar10', data='', head='det', noise=0.0,
                         noise_kind='symmetric', epochs=30.0, width=1.0, phase1=(None, str),
-                        tau=(None, str), tau_lr=(None, float), ood=(None, float), runlocal=False)
+                        tau=(None, str), tau_lr=(None, float), ood=(None, float),
+                        augment='cifar', runlocal=False)
   dataset, head = args.dataset, args.head
   if dataset not in DATASETS:
     raise ValueError(f'dataset must be one of {sorted(DATASETS)}, got {dataset!r}')
@@ -45,6 +49,7 @@ def get_config(arg: str | None = None) -> base.ConfigDict:
   if args.ood is not None:
     base.hold_out_classes(c, args.ood)
   c.input.num_workers = 1
+  c.input.train_augment = args.augment
   c.model.backbone_kwargs.width = args.width
   bounds = tuple(float(v) for v in (args.tau or '0.05:5.0').split(':'))
   base.comparison_head(c, head, num_factors=factors, train_samples=100, eval_samples=1000,

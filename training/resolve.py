@@ -73,6 +73,8 @@ def resolve(config: ConfigDict, *, with_data: bool = True,
   _normalisation(config, facts, notes)
   _schedule(config, facts, notes, warnings)
   _modules(config, notes)
+  if notes:   # a first resolve: also what the input pipeline will do to the images
+    notes += _input_notes(config)
   if jax.process_index() == 0:
     if notes and verbose:
       print('config derived: ' + '; '.join(notes), flush=True)
@@ -170,6 +172,25 @@ def _normalisation(config: ConfigDict, facts, notes: list) -> None:
     raise ConfigError(f'{facts.where} holds images of several sizes and input.image_size = 0 '
                       '(keep the stored size): set --config.input.image_size=N to resize them '
                       'all to N x N')
+
+
+AUGMENTATIONS = {'none': 'no augmentation', 'flip': 'random horizontal flip',
+                 'cifar': 'pad 4 + random crop + random horizontal flip',
+                 'inception': 'random-resized crop + random horizontal flip'}
+
+
+def _input_notes(config: ConfigDict) -> list:
+  """What the input pipeline does to training and eval images: the augmentation (a flip
+  changes the meaning of handwriting, say) and any resize."""
+  c, ds = config.input, config.dataset
+  notes = [f'train augmentation {c.train_augment} '
+           f'({AUGMENTATIONS.get(c.train_augment, "unknown")}; input.train_augment)']
+  if c.image_size and c.image_size != ds.image_size:
+    stored = f'from the stored {ds.image_size}px ' if ds.image_size else ''
+    crop = ', eval images center-cropped first' if c.eval_preprocess == 'center_crop' else ''
+    notes.append(f'images resized {stored}to {c.image_size} x {c.image_size}{crop} '
+                 '(input.image_size)')
+  return notes
 
 
 def _steps(epochs: float, per_epoch: float) -> int:
