@@ -11,6 +11,7 @@ Single-label sources (one class per image; metadata.json says `multi_label: fals
                                  + <prefix>-labels-idx1-ubyte per split (train, test; t10k =
                                  test), as MNIST / Fashion-MNIST / KMNIST / EMNIST ship them;
                                  images become lossless PNG, class names the label values
+                                 or --class_names_file's lines (label k = line k + 1)
   tfds:NAME --tfds_data_dir=D    a TFDS dataset already on disk (array_record file format)
                                  whose label feature is a ClassLabel
 
@@ -325,11 +326,12 @@ def _idx_png(images: np.ndarray, i: int, label: int) -> tuple[int, bytes]:
   return label, _png(images[i])
 
 
-def _idx_source(input_dir: str) -> _Source:
+def _idx_source(input_dir: str, class_names_file: Optional[str] = None) -> _Source:
   """<prefix>-images-idx3-ubyte[.gz] + <prefix>-labels-idx1-ubyte[.gz] pairs in `input_dir`
   (MNIST, Fashion-MNIST, KMNIST, EMNIST names); the split is the prefix's last part (train,
   test; t10k = test). Images [N, H, W] or [N, H, W, C] uint8, stored as lossless PNG; class
-  names are the label values 0..max."""
+  names are the lines of `class_names_file` (label k is line k + 1; every label must have
+  one), else the label values 0..max."""
   if not os.path.isdir(input_dir):
     raise FileNotFoundError(f'--input_dir {input_dir!r} is not a directory.')
   found: dict[str, dict[str, str]] = {}
@@ -359,6 +361,14 @@ def _idx_source(input_dir: str) -> _Source:
       raise ValueError(f'{input_dir!r}: two idx pairs for split {split!r}.')
     arrays[split] = (images, labels.astype(np.int64), pair['images'])
   top = max(int(labels.max(initial=0)) for _, labels, _ in arrays.values())
+  names = [str(k) for k in range(top + 1)]
+  if class_names_file:
+    problems = _Problems()
+    names = _read_class_names(class_names_file, problems)
+    if top >= len(names):
+      problems.add(class_names_file, f'{len(names)} class names, but the idx labels go up to '
+                   f'{top}: give one name per label value 0..{top}, one per line')
+    problems.raise_if_any()
   splits = {}
   for split, (images, labels, path) in arrays.items():
 
@@ -368,7 +378,7 @@ def _idx_source(input_dir: str) -> _Source:
 
     splits[split] = _Split(len(labels), images.nbytes, items, labels.tolist())
   desc = 'idx files: ' + ', '.join(f'{s}={os.path.basename(p)}' for s, (_, _, p) in arrays.items())
-  return _Source(desc, [str(k) for k in range(top + 1)], splits, 'png (lossless, from idx arrays)')
+  return _Source(desc, names, splits, 'png (lossless, from idx arrays)')
 
 
 def _tfds_source(name: str, data_dir: Optional[str], image_key: Optional[str],
@@ -858,9 +868,12 @@ def make_source(source: str, input_dir: Optional[str] = None,
                 seed: int = 0, num_mosaics: Optional[str] = None) -> _Source:
   """Parses a --source value (see the module docstring). A labels file is read and checked
   whole here, before anything is written (LabelsFileError naming file:line otherwise)."""
-  if (labels_file or class_names_file) and source != 'folder':
-    raise ValueError('--labels_file / --class_names_file go with --source=folder.')
-  if class_names_file and not labels_file:
+  if labels_file and source != 'folder':
+    raise ValueError('--labels_file goes with --source=folder.')
+  if class_names_file and source not in ('folder', 'idx'):
+    raise ValueError('--class_names_file goes with --source=folder (with --labels_file) or '
+                     '--source=idx (a name per label value).')
+  if class_names_file and source == 'folder' and not labels_file:
     raise ValueError('--class_names_file needs --labels_file (the class list of its labels).')
   if num_mosaics and not source.startswith('mosaic:'):
     raise ValueError('--num_mosaics goes with --source=mosaic:...')
@@ -880,7 +893,7 @@ def make_source(source: str, input_dir: Optional[str] = None,
   if source == 'idx':
     if not input_dir:
       raise ValueError('--source=idx needs --input_dir (the folder of the idx files).')
-    return _idx_source(input_dir)
+    return _idx_source(input_dir, class_names_file)
   raise ValueError(f'Unknown --source {source!r}: use cifar10_npz, caltech101_npz, '
                    'npz:TRAIN[,TEST], folder, idx, tfds:NAME or mosaic:NPZ_SOURCE.')
 
@@ -1231,7 +1244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument('--labels_file', help='folder: FILE.csv|FILE.jsonl (train) or '
                       'train=a.csv,test=b.jsonl (multi-label; with a text per image: CSV header '
                       'path,labels,text, JSONL key "text")')
-  parser.add_argument('--class_names_file', help='folder + labels: one class name per line')
+  parser.add_argument('--class_names_file', help='folder + labels, or idx: one class name per '
+                      'line (class id = line number - 1)')
   parser.add_argument('--label_sep', default='|', help="CSV labels separator (default '|')")
   parser.add_argument('--seed', type=int, default=0, help='mosaic, --holdout_split: seed of '
                       'every draw')

@@ -133,6 +133,25 @@ def test_idx_source_roundtrip_and_pixel_statistics(tmp_path):
     prepare_data.prepare('idx', str(tmp_path / 'd2'), input_dir=str(tmp_path), verbose=False)
 
 
+def test_idx_source_takes_class_names(tmp_path):
+  """Issue 28 point 7: MNIST-format data can be given class names (--class_names_file was
+  refused for --source=idx); too few names for its labels is one clear error."""
+  x = np.zeros((6, 4, 4), np.uint8)
+  _idx(tmp_path / 'train-images-idx3-ubyte', x, gz=False)
+  _idx(tmp_path / 'train-labels-idx1-ubyte', np.array([0, 1, 2, 0, 1, 2]), gz=False)
+  (tmp_path / 'names.txt').write_text('T-shirt/top\nTrouser\nPullover\n')
+  meta = prepare_data.prepare('idx', str(tmp_path / 'd'), input_dir=str(tmp_path),
+                              class_names_file=str(tmp_path / 'names.txt'), verbose=False)
+  assert meta['class_names'] == ['T-shirt/top', 'Trouser', 'Pullover']
+  (tmp_path / 'two.txt').write_text('T-shirt/top\nTrouser\n')
+  with pytest.raises(prepare_data.LabelsFileError, match=r'two.txt: 2 class names, but the idx '
+                     r'labels go up to 2'):
+    prepare_data.prepare('idx', str(tmp_path / 'd2'), input_dir=str(tmp_path),
+                         class_names_file=str(tmp_path / 'two.txt'), verbose=False)
+  with pytest.raises(ValueError, match='--class_names_file goes with --source=folder'):
+    prepare_data.make_source('npz:a.npz', class_names_file=str(tmp_path / 'names.txt'))
+
+
 # ----- cases 1-5: a run on the data, its eval, LLC phase 2, a changed resume -------------------
 
 # The LLC configs' arguments and optimizer (configs.llc_phases) on quickstart's small convnet, so a run
