@@ -176,7 +176,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                                 exp.model.backbone)
       print(f'Initialised {len(taken)} arrays from {config.train.init_from}.', flush=True)
   else:
-    state = ckpt.restore(start, exp.abstract_restore_target(), train_iter, exp.class_layout)
+    state, start = ckpt.restore_newest(lambda s: ckpt.restore(
+        s, exp.abstract_restore_target(), train_iter, exp.class_layout))   # skips damaged ones
     logging.info('resumed from step %d', start)
     print(f'Resumed from checkpoint at step {start}.', flush=True)
 

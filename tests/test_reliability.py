@@ -1,17 +1,21 @@
 """Nothing silently wrong, no bare tracebacks (issue 27): data that selects nothing, damaged
 checkpoints and shards, a full disk, class lists that changed under a workdir, small command-line
 mistakes. Each test is one of the issue's failing inputs, or another input of the same kind."""
+import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
 from absl import flags
 from PIL import Image
 
+from evaluation.from_checkpoint import evaluate_checkpoint
 from launch import prepare_data
 from launch.train import train_and_evaluate
 from input_pipeline.sources import EmptySplitError
 from tests.helpers import load_config
+from training.checkpointing import DamagedCheckpointError, complete_steps
 from training.cli import user_errors
 
 
@@ -83,3 +87,80 @@ def test_a_split_of_skipped_records_stops_at_start(tmp_path):
   with pytest.raises(EmptySplitError, match=r"split 'test' .*\(dataset.eval_split\) is empty as "
                                             r'selected: it holds no examples'):
     train_and_evaluate(_config(data), str(tmp_path / 'w'))
+
+
+# ----- case 4: a damaged checkpoint ---------------------------------------------------------------
+
+def _quickstart(steps, checkpoint_every=2):
+  c = load_config('quickstart.py', 'runlocal')
+  c.train.num_steps = steps
+  c.train.checkpoint_every = checkpoint_every
+  c.train.async_checkpointing = False
+  return c
+
+
+def _data_files(step_dir):
+  """The OCDBT data files of a step's train state: each holds some of its arrays (which ones
+  varies from save to save), so the tests damage them all, as eval and resume read different
+  arrays."""
+  d = os.path.join(step_dir, 'state', 'ocdbt.process_0', 'd')
+  return [os.path.join(d, n) for n in os.listdir(d)]
+
+
+def _truncate(path):
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _delete(path):   # a copy that left files out
+  os.remove(path)
+
+
+@pytest.fixture(scope='module')
+def two_steps(tmp_path_factory):
+  """A quickstart workdir with checkpoints 2 and 4, and the eval record of step 2."""
+  work = str(tmp_path_factory.mktemp('two_steps'))
+  train_and_evaluate(_quickstart(4), work)
+  return work, evaluate_checkpoint(_quickstart(4), work, step=2)
+
+
+@pytest.mark.parametrize('damage', [_truncate, _delete])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_step(two_steps, tmp_path, damage,
+                                                                  caplog, capsys):
+  """Issue 27, case 4 (truncated: the issue's input; missing: the same kind): eval and resume
+  used to die with OUT_OF_RANGE although step 2 is intact."""
+  work = str(tmp_path / 'w')
+  shutil.copytree(two_steps[0], work)
+  step4 = os.path.join(work, 'checkpoints', '4')
+  for path in _data_files(step4):
+    damage(path)
+  with caplog.at_level(logging.WARNING):
+    record = evaluate_checkpoint(_quickstart(4), work)
+  assert record['step'] == 2 and record['nll'] == pytest.approx(two_steps[1]['nll'], rel=1e-6)
+  assert f'checkpoint step directory {step4} does not restore' in caplog.text
+  assert os.path.isdir(step4)                      # eval is a reader: it moves nothing
+  caplog.clear()
+  capsys.readouterr()
+  with caplog.at_level(logging.WARNING):
+    assert train_and_evaluate(_quickstart(6), work)['step'] == 6
+  assert 'Resumed from checkpoint at step 2.' in capsys.readouterr().out
+  assert f'renamed to {step4}.damaged' in caplog.text
+  assert complete_steps(work) == [2, 4, 6]         # 4 trained again; the damaged one kept aside
+  assert os.path.isdir(step4 + '.damaged')
+
+
+def test_a_damaged_only_checkpoint_is_one_line_naming_it(two_steps, tmp_path):
+  work = str(tmp_path / 'w')
+  shutil.copytree(two_steps[0], work)
+  shutil.rmtree(os.path.join(work, 'checkpoints', '2'))
+  step4 = os.path.join(work, 'checkpoints', '4')
+  for path in _data_files(step4):
+    _truncate(path)
+  for run in (lambda: evaluate_checkpoint(_quickstart(4), work),
+              lambda: train_and_evaluate(_quickstart(6), work)):
+    with pytest.raises(DamagedCheckpointError) as err:
+      run()
+    message = str(err.value)
+    assert message.startswith(f'checkpoint step directory {step4} does not restore (OUT_OF_RANGE')
+    assert '\n' not in message and isinstance(err.value, user_errors())
+  assert complete_steps(work) == [4]               # nothing moved when nothing restores

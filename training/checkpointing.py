@@ -16,7 +16,7 @@ classes, LLC's baseline codebooks) goes through `restore_variables`.
 """
 import json
 import os
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import grain
 import jax
@@ -37,6 +37,7 @@ _STEP_NAMED = ocp.step.standard_name_format(
     temporary_path_cls=ocp.path.atomicity.AtomicRenameTemporaryPath)
 INCOMPLETE_SUFFIX = '.incomplete'
 NONFINITE_SUFFIX = '.nonfinite'   # finalised, but its parameters gave a non-finite loss
+DAMAGED_SUFFIX = '.damaged'       # finalised, but its files no longer read (truncated, overwritten)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -49,6 +50,10 @@ class IncompatibleCheckpointError(ValueError):
 
 class NoCheckpointError(FileNotFoundError):
   """The workdir holds no finalised checkpoint (or not the step asked for)."""
+
+
+class DamagedCheckpointError(ValueError):
+  """No finalised checkpoint of the workdir (or not the step asked for) restores."""
 
 
 class ClassLayout(NamedTuple):
@@ -130,12 +135,23 @@ def restore_variables(workdir: str, abstract_state: Any = None, step: Optional[i
     raise NoCheckpointError(f'no checkpoints in {workdir}: {hint}')
   ckpt = Checkpointer(workdir, save_every=1, keep=1, read_only=True)
   try:
-    step = ckpt.pick_step(step, hint=hint)
+    newest = ckpt.pick_step(step, hint=hint)
     if abstract_state is not None:
       check_signature(workdir, abstract_state.params, layout=layout)
-    return ckpt.restore_variables(step, abstract_state, layout), step
+    return ckpt.restore_newest(lambda s: ckpt.restore_variables(s, abstract_state, layout),
+                               step and newest)
   finally:
     ckpt.close()
+
+
+def _first_line(error: BaseException, limit: int = 240) -> str:
+  """The first line of the root cause of `error` (orbax wraps tensorstore's read error, e.g.
+  'OUT_OF_RANGE: Error reading ... in OCDBT database', in a page of details), at most `limit`
+  characters."""
+  for _ in range(8):
+    error = error.__cause__ or error.__context__ or error
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return line if len(line) <= limit else line[:limit] + '...'
 
 
 def _move_aside(path: str, suffix: str = INCOMPLETE_SUFFIX) -> str:
@@ -255,7 +271,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, save_every: int, keep: int, use_async: bool = True,
                read_only: bool = False, config: Any = None):
-    self._workdir, self._config = workdir, config
+    self._workdir, self._config, self._read_only = workdir, config, read_only
     _, incomplete = scan_steps(workdir)
     if read_only or jax.process_index() != 0:
       _warn_incomplete(incomplete, 'skipped')
@@ -376,6 +392,44 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=grain.checkpoint.CheckpointRestore(data_iterator))
     return resize(self._manager.restore(step, args=args)['state'])
+
+  def restore_newest(self, restore: Callable[[int], Any],
+                     step: Optional[int] = None) -> tuple[Any, int]:
+    """(restore(s), s) of the newest finalised step s that restores (only `step` when given).
+
+    A step whose files do not read (truncated or overwritten: a crash, a full disk, a bad
+    copy) is skipped with a warning naming its directory once an older step has restored, so
+    a fault that every step shares (memory, the code) stops instead of skipping them all; a
+    writer on process 0 also renames it `<step>.damaged`, kept but never listed. Raises
+    DamagedCheckpointError naming the newest step directory and its error when none
+    restores; IncompatibleCheckpointError and NoCheckpointError pass through.
+    """
+    failed = []
+    for s in [step] if step is not None else self.all_steps()[::-1]:
+      try:
+        result = restore(s)
+      except (IncompatibleCheckpointError, NoCheckpointError):
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (orbax re-raises tensorstore's
+        failed.append((s, e))  # read errors as a bare Exception)
+        continue
+      for bad, error in failed:
+        path, action = self._step_path(bad), 'skipped'
+        if not self._read_only and jax.process_index() == 0:
+          action = f'skipped and renamed to {_move_aside(path, DAMAGED_SUFFIX)}'
+        logging.warning('checkpoint step directory %s does not restore (%s): damaged; %s, '
+                        'using step %d', path, _first_line(error), action, s)
+      if failed:
+        self._manager.reload()
+      return result, s
+    bad, error = failed[0]
+    older = (f'; nor do the {len(failed) - 1} older steps, so the cause is likely not the files'
+             if len(failed) > 1 else '')
+    raise DamagedCheckpointError(
+        f'checkpoint step directory {self._step_path(bad)} does not restore '
+        f'({_first_line(error)}){older}. If its files are damaged (truncated or overwritten), '
+        'move that directory out of checkpoints/ and re-run to use an older step, or train '
+        'anew in another --workdir.')
 
   def restore_variables(self, step: int, abstract_state: Any = None,
                         layout: Optional[ClassLayout] = None) -> dict:
