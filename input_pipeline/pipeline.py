@@ -371,7 +371,7 @@ class _ShardExamples(grain.transforms.Map):
     from input_pipeline import sources
     v, shard = visit
     records = sources.records_of(self.source)
-    ds = grain.MapDataset.range(records.shard_lengths[shard])
+    ds = grain.MapDataset.range(int(records.shard_lengths[shard]))
     if self.shuffle:
       ds = ds.shuffle(seed=_seed(self.seed, v))
     ds = ds.map(_ReadExample(self.source, records.shard_offset(shard), v))

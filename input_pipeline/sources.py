@@ -217,16 +217,21 @@ class RecordSource:
   """
 
   def __init__(self, paths: Sequence[str], version: int, lengths: Sequence[int] | None = None):
-    self._paths = [os.fspath(p) for p in paths]
+    paths = [os.fspath(p) for p in paths]
     self._version = version
     if lengths is None:   # a dataset written without shard_lengths: count once
-      lengths = [self._count(p) for p in self._paths]
-    if len(lengths) != len(self._paths):
-      raise ValueError(f'{len(lengths)} shard lengths for {len(self._paths)} shards')
-    self.paths = tuple(self._paths)
-    self.shard_lengths = tuple(int(n) for n in lengths)
-    self._offsets = np.concatenate([[0], np.cumsum(self.shard_lengths, dtype=np.int64)])
+      lengths = [self._count(p) for p in paths]
+    if len(lengths) != len(paths):
+      raise ValueError(f'{len(lengths)} shard lengths for {len(paths)} shards')
+    # Numpy, not Python objects: ~60 bytes per shard (1.5 M shards: ~90 MiB, BENCHMARKS.md).
+    self._paths = np.array([p.encode() for p in paths], dtype=np.bytes_)
+    self.shard_lengths = np.asarray(lengths, dtype=np.int64)
+    self._offsets = np.concatenate([[0], np.cumsum(self.shard_lengths)])
     self.__setstate__(self.__dict__)
+
+  def path(self, shard: int) -> str:
+    """The file of shard `shard`."""
+    return self._paths[shard].decode()
 
   @staticmethod
   def _count(path: str) -> int:
@@ -286,7 +291,7 @@ class RecordSource:
     with self._lock:
       reader = self._readers.get(shard)
       if reader is None:
-        reader = self._readers[shard] = open_shard(self._paths[shard])
+        reader = self._readers[shard] = open_shard(self.path(shard))
       reader.seek(i - int(self._offsets[shard]))
       return reader.read()
 
