@@ -205,16 +205,44 @@ MAX_PAIRWISE_CLASSES = 50_000   # min_class_distance is O(L^2); skipped (None) a
 def min_class_distance(class_bits: np.ndarray) -> Optional[int]:
   """Smallest Hamming distance between two classes' codes (0 when codes collide); None for
   more than MAX_PAIRWISE_CLASSES classes."""
+  closest = closest_class_pairs(class_bits)
+  return None if closest is None else closest[0]
+
+
+def closest_class_pairs(class_bits: np.ndarray) -> Optional[Tuple[int, list]]:
+  """(the smallest Hamming distance between two classes' codes, the class pairs (i < j) at
+  that distance); None for more than MAX_PAIRWISE_CLASSES classes."""
   if class_bits.shape[0] > MAX_PAIRWISE_CLASSES:
     return None
   packed = narrow(pack(class_bits), class_bits.shape[1])
-  best = class_bits.shape[1]
+  best, pairs = class_bits.shape[1], []
   for start, dist in distance_blocks(packed, packed):
     rows = np.arange(dist.shape[0])
     dist = dist.astype(np.int64)
-    dist[rows, start + rows] = best
-    best = min(best, int(dist.min()))
-  return best
+    dist[rows, start + rows] = class_bits.shape[1] + 1
+    low = int(dist.min())
+    if low < best:
+      best, pairs = low, []
+    if low == best:
+      i, j = np.nonzero(dist == best)
+      pairs += [(int(a), int(b)) for a, b in zip(start + i, j) if a < b]
+  return best, pairs
+
+
+def close_codes_warning(class_bits: np.ndarray) -> str:
+  """One line when two classes' codes are at most 1 bit apart (a shared code: exact decoding
+  cannot tell them apart; 1 bit: one wrong bit turns one into the other, and min-Hamming
+  decoding cannot correct it), else ''."""
+  closest = closest_class_pairs(class_bits)
+  if closest is None or closest[0] > 1:
+    return ''
+  distance, pairs = closest
+  what = 'share a code' if distance == 0 else 'have codes 1 bit apart'
+  cost = ('exact decoding cannot tell them apart' if distance == 0 else
+          'one wrong bit turns one into the other, and min-Hamming decoding cannot correct it')
+  (i, j), bits = pairs[0], class_bits.shape[1]
+  return (f'{len(pairs)} pair(s) of classes {what} in this {bits}-bit codebook (e.g. classes {i} '
+          f'and {j}): {cost}; train phase 1 longer or with more bits')
 
 
 def straight_through_sign(c: jax.Array) -> jax.Array:

@@ -7,7 +7,8 @@ r"""LLC evaluation of a trained workdir: export phase 1's codebook, decode phase
 Restores the checkpoint (params + batch_stats only) and runs the eval split once.
 Phase 1 (head `llc_codebook`): writes the real codebook C [L, k] to `P1/codebook.npy` (what
 phase 2 reads; B = sign of it) and reports unique codes, the minimum Hamming distance between
-class codes and the class-code accuracy (argmax of z @ B^T, z real).
+class codes and the class-code accuracy (argmax of z @ B^T, z real); codes of two classes at
+most 1 bit apart add a one-line `warning` (`llc.codes.close_codes_warning`), in phase 2 too.
 Phase 2 (head `llc_instance`): instance code = (o >= 0); decodes against the codebook saved in
 the checkpoint, or `--phase1_workdir`'s codebook.npy, and reports `llc.codes.llc_metrics`
 (strict ED accuracy, lenient ED accuracy = the reference's rule, ambiguous / no-match rates, MHD
@@ -24,6 +25,7 @@ the same command (as `launch.main`); each reads its share of the split, and proc
 """
 import json
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -119,6 +121,9 @@ def evaluate_llc(config: ml_collections.ConfigDict, workdir: str,
       record[f'map@{retrieval_topk}_hashnet'] = retrieval.map_from_aps(aps, found, 'hashnet')
       record['retrieval_queries_without_relevant'] = int(np.sum(~found))
       record['retrieval_database'] = int(len(db['label']))
+  warning = codes.close_codes_warning(class_bits)
+  if warning:
+    record['warning'] = warning
   write_json(os.path.join(workdir, EVAL_FILE), record)
   return record
 
@@ -129,6 +134,8 @@ def main(argv) -> None:
   record = evaluate_llc(_CONFIG.value, _WORKDIR.value, _PHASE1.value or None, _STEP.value,
                         _TOPK.value)
   print(json.dumps(record), flush=True)
+  if 'warning' in record and jax.process_index() == 0:
+    print(f'warning: {record["warning"]}', file=sys.stderr, flush=True)
 
 
 if __name__ == '__main__':

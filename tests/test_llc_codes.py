@@ -275,3 +275,27 @@ def test_warm_start_values_keep_signs_with_kaiming_std(source):
   assert values.shape == (500, 20)
   np.testing.assert_array_equal(values > 0, book)
   assert values.std() == pytest.approx(np.sqrt(2 / 20), rel=1e-5)
+
+
+@pytest.mark.parametrize('k', [16, 70])
+def test_closest_class_pairs_and_the_close_codes_warning_against_brute_force(k):
+  """Issue 28 point 7: a codebook with two classes one bit apart gets a one-line warning
+  naming how many pairs and one of them; the pairs are the brute-force closest ones (one
+  word and two-word codes); codes 2 bits apart or more get none."""
+  rng = np.random.default_rng(k)
+  book = rng.random((40, k)) < 0.5
+  book[7] = book[3]
+  book[7, 5] = ~book[7, 5]   # classes 3 and 7: 1 bit apart
+  dist = (book[:, None, :] != book[None, :, :]).sum(-1)
+  np.fill_diagonal(dist, k + 1)
+  expected = sorted((int(i), int(j)) for i, j in zip(*np.nonzero(dist == dist.min())) if i < j)
+  distance, pairs = codes.closest_class_pairs(book)
+  assert distance == dist.min() == 1 and sorted(pairs) == expected
+  assert codes.min_class_distance(book) == 1
+  warning = codes.close_codes_warning(book)
+  assert warning.startswith(f'{len(expected)} pair(s) of classes have codes 1 bit apart in this '
+                            f'{k}-bit codebook (e.g. classes {expected[0][0]} and ')
+  book[7] = book[3]
+  assert 'share a code' in codes.close_codes_warning(book)
+  far = np.array([[0] * k, [1] * 2 + [0] * (k - 2), [1] * k], bool)
+  assert codes.close_codes_warning(far) == '' and codes.min_class_distance(far) == 2
