@@ -224,18 +224,17 @@ class EvalStep:
                    out_shardings=shardings)()
 
   def _step(self, acc, params, batch_stats, batch):
-    logits = self.logits_fn(params, batch_stats, batch['image'])
-    acc = dict(acc)
-    acc.update(accumulate(acc, logits, batch['label'], batch['mask'], link=self.link,
-                          num_classes=self.num_classes, num_bins=self.num_bins))
+    logits = mask_classes(self.logits_fn(params, batch_stats, batch['image']), self.num_classes)
+    probs = probabilities(self.link, logits)
+    acc = {**acc, **accumulate(acc, logits, probs, batch['label'], batch['mask'],
+                               link=self.link, num_bins=self.num_bins)}
     if 'top_p' in acc:
-      acc.update(self._rank(acc, logits, batch['label'], batch['mask']))
+      acc.update(self._rank(acc, probs, batch['label'], batch['mask']))
     return acc
 
-  def _rank(self, acc, logits, labels, mask) -> dict:
+  def _rank(self, acc, probs, labels, mask) -> dict:
     """The mAP summary after this batch (class-sharded, `_rank_update` on each device)."""
     width = acc['top_p'].shape[1]
-    probs = probabilities(self.link, mask_classes(logits, self.num_classes))
     if probs.shape[-1] < width:    # a width 'model' does not divide: pad (it is unsplit)
       probs = jnp.pad(probs, ((0, 0), (0, width - probs.shape[-1])))
     rows = self._rows or None
@@ -313,18 +312,16 @@ def mask_classes(logits: jax.Array, num_classes: int) -> jax.Array:
                    PADDED_LOGIT)
 
 
-def accumulate(acc: dict, logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
-               link: str, num_classes: int, num_bins: int) -> dict:
+def accumulate(acc: dict, logits: jax.Array, probs: jax.Array, labels: jax.Array,
+               mask: jax.Array, *, link: str, num_bins: int) -> dict:
   """The scalar sums and reliability bins of `acc` after one batch (jit-able, any sharding).
 
-  logits [B, K_pad] (columns >= num_classes are masked out), labels [B] or label sets [B, L],
-  mask [B] (1 = real example). Sums: 'count' (real examples), 'weight' (examples in top-1 and
+  logits [B, K_pad] float32 with the padded classes masked (`mask_classes`), probs their
+  `probabilities(link, logits)`, labels [B] or label sets [B, L], mask [B] (1 = real example). Sums: 'count' (real examples), 'weight' (examples in top-1 and
   ECE: real ones, or for label sets those with a label), 'correct' (accuracy / prec@1 numerator),
   'nll', and 'bin_count', 'bin_confidence', 'bin_correct' [num_bins] over equal-width
   confidence bins [i / n, (i + 1) / n) as `evaluation.calibration.bin_statistics`.
   """
-  logits = mask_classes(logits, num_classes)
-  probs = probabilities(link, logits)
   if labels.ndim == 2:
     weight = mask * has_label(labels)
     correct = top1_correct(logits, labels)
