@@ -16,6 +16,7 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   optimizer state is never read. Raises NoCheckpointError (a FileNotFoundError) when there is
   none, or not that step."""
   exp = Experiment.build(config)
+  exp.match_classes(workdir)   # ClassListError, or relabelled when only the order differs
   variables, step = restore_variables(workdir, exp.abstract_restore_target(), step,
                                       hint='train first with --mode=train',
                                       layout=exp.class_layout)

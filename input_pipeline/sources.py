@@ -306,9 +306,10 @@ class RecordSource:
 
 def records_of(source: Any) -> RecordSource | None:
   """The `RecordSource` under `source`'s index-preserving wrappers (`CheckedLabels`,
-  `NoisyLabels`: element i is made from record i alone), else None (in-memory, tfds or
-  synthetic data, or a `ClassSubset`): what the sharded reader can read shard by shard."""
-  while isinstance(source, (CheckedLabels, NoisyLabels)):
+  `NoisyLabels`, `RemappedLabels`: element i is made from record i alone), else None
+  (in-memory, tfds or synthetic data, or a `ClassSubset`): what the sharded reader can read
+  shard by shard."""
+  while isinstance(source, (CheckedLabels, NoisyLabels, RemappedLabels)):
     source = source._source
   return source if isinstance(source, RecordSource) else None
 
@@ -583,6 +584,25 @@ class Subset:
 
   def __getitem__(self, i: int) -> dict:
     return self._source[int(self._indices[i])]
+
+
+class RemappedLabels:
+  """Each label mapped through `mapping` [K] (data class id -> model class id); the -1 padding
+  of label sets is kept. For data whose class list is the model's in another order
+  (`training.workdir.check_classes`)."""
+
+  def __init__(self, source: Any, mapping: Sequence[int]):
+    self._source, self._map = source, np.asarray(mapping, np.int32)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int) -> dict:
+    example = dict(self._source[i])
+    label = np.asarray(example['label'])
+    mapped = np.where(label >= 0, self._map[np.maximum(label, 0)], label)
+    example['label'] = int(mapped) if mapped.ndim == 0 else mapped.astype(np.int32)
+    return example
 
 
 class ClassSubset:

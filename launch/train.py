@@ -28,7 +28,7 @@ from training.progress import LOG_EVERY_S, clock_time, timed
 from training.state import TrainState, create_state, param_count
 from training.train_step import make_train_step
 from training.warm_start import warm_start
-from training.workdir import WorkdirLock, save_config
+from training.workdir import WorkdirLock, check_classes, save_classes, save_config
 
 
 class _PreemptionFlag:
@@ -150,6 +150,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   logging.info('mesh %s; %d params', dict(exp.mesh.shape), param_count(exp.abstract_state.params))
 
   # ----- Input: grain, sharded per process; assembled into global arrays per step.
+  exp.match_classes(workdir)   # the data's class list against the model's (classes.json)
   train_source = exp.train_source
   exp.eval_source   # built now, so an eval split that selects nothing stops before step 1
   train_iter = iter(train_dataset(
@@ -172,6 +173,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                          jax.random.key(config.seed))
     start = 0
     if config.train.init_from:
+      if any(p.split('/')[0] == 'head' for p in config.train.init_prefixes):
+        check_classes(config.train.init_from, exp.info.class_names, reorder=False,
+                      what='this run\'s data')   # head parameters are per class
       state, taken = warm_start(state, config.train.init_from, config.train.init_prefixes,
                                 exp.model.backbone)
       print(f'Initialised {len(taken)} arrays from {config.train.init_from}.', flush=True)
@@ -183,6 +187,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
   # ----- Record: the config, the parameter shapes, the label noise; metrics from here on.
   save_config(workdir, config)
+  save_classes(workdir, exp.info.class_names)
   check_signature(workdir, exp.abstract_state.params, layout=exp.class_layout)
   if isinstance(train_source, NoisyLabels) and jax.process_index() == 0:
     train_source.write_record(workdir)   # label_noise.json: the realised flips, once per workdir

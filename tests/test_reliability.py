@@ -1,6 +1,7 @@
 """Nothing silently wrong, no bare tracebacks (issue 27): data that selects nothing, damaged
 checkpoints and shards, a full disk, class lists that changed under a workdir, small command-line
 mistakes. Each test is one of the issue's failing inputs, or another input of the same kind."""
+import json
 import logging
 import os
 import shutil
@@ -13,10 +14,11 @@ from PIL import Image
 from evaluation.from_checkpoint import evaluate_checkpoint
 from launch import prepare_data
 from launch.train import train_and_evaluate
-from input_pipeline.sources import EmptySplitError
+from input_pipeline.sources import EmptySplitError, RecordSource
 from tests.helpers import load_config
 from training.checkpointing import DamagedCheckpointError, complete_steps
 from training.cli import user_errors
+from training.workdir import ClassListError
 
 
 @pytest.fixture(autouse=True)
@@ -164,3 +166,99 @@ def test_a_damaged_only_checkpoint_is_one_line_naming_it(two_steps, tmp_path):
     assert message.startswith(f'checkpoint step directory {step4} does not restore (OUT_OF_RANGE')
     assert '\n' not in message and isinstance(err.value, user_errors())
   assert complete_steps(work) == [4]               # nothing moved when nothing restores
+
+
+# ----- case 6: class ids that changed under a workdir ---------------------------------------------
+
+def _cat_dog(root, names=('cat', 'dog')):
+  """Folders of two easily told classes: 'cat' images dark, 'dog' images bright (8 each)."""
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for name, value in zip(names, (40, 215)):
+      d = root / split / name
+      d.mkdir(parents=True, exist_ok=True)
+      for i in range(8):
+        image = np.clip(rng.normal(value, 12, (8, 8)), 0, 255).astype(np.uint8)
+        Image.fromarray(image, 'L').save(d / f'{i}.png')
+  return root
+
+
+def _npz_of(data, split, order):
+  """The prepared split `split` of `data` as a packed npz (prepare_data's npz: source) whose
+  class list is `order` (the same images, their labels renumbered to it)."""
+  from input_pipeline import records
+  meta = json.load(open(data / 'metadata.json'))
+  source, names = RecordSource(records.split_paths(str(data), split), meta['format_version']), \
+      meta['class_names']
+  blobs, labels = [], []
+  for i in range(len(source)):
+    example = source[i]
+    image = example['image']
+    if not isinstance(image, (bytes, bytearray)):
+      import io
+      buf = io.BytesIO()
+      Image.fromarray(np.asarray(image)[..., 0], 'L').save(buf, 'PNG')
+      image = buf.getvalue()
+    blobs.append(np.frombuffer(image, np.uint8))
+    labels.append(order.index(names[example['label']]))
+  offsets = np.cumsum([0] + [len(b) for b in blobs])
+  return dict(blob=np.concatenate(blobs), offsets=offsets, labels=np.array(labels),
+              class_names=np.array(order))
+
+
+@pytest.fixture(scope='module')
+def cat_dog_run(tmp_path_factory):
+  """A workdir trained on {cat, dog} (ids 0, 1), its data and its eval record."""
+  root = tmp_path_factory.mktemp('cat_dog')
+  data = _prepare(_cat_dog(root / 'f'), root / 'd')
+  work = str(root / 'w')
+  c = _config(data, steps=4, **{'train.checkpoint_every': 2})
+  return root, data, work, train_and_evaluate(c, work)
+
+
+def test_renamed_class_folder_stops_eval_resume_and_warm_start(cat_dog_run, tmp_path):
+  """Issue 27, case 6: 'cat' renamed 'zebra' and re-prepared into the same --out swaps the ids
+  (dog 0, zebra 1); eval used to report accuracy 0.0 instead of 1.0 with no warning and a
+  resume trained on swapped labels."""
+  root, data, work, _ = cat_dog_run
+  assert json.load(open(os.path.join(work, 'classes.json'))) == {'class_names': ['cat', 'dog']}
+  renamed = _prepare(_cat_dog(tmp_path / 'f', ('zebra', 'dog')), tmp_path / 'd')
+  checks = [lambda: evaluate_checkpoint(_config(renamed, steps=4), work),
+            lambda: train_and_evaluate(_config(renamed, steps=6), work)]
+  warm = _config(renamed, steps=2, **{'train.init_from': work})
+  warm.train.init_prefixes = ('backbone', 'head')
+  checks.append(lambda: train_and_evaluate(warm, str(tmp_path / 'warm')))
+  for check in checks:
+    with pytest.raises(ClassListError) as err:
+      check()
+    message = str(err.value)
+    assert "only the model has 'cat'" in message and "has 'zebra'" in message, message
+    assert '\n' not in message and isinstance(err.value, user_errors())
+  assert complete_steps(work) == [2, 4]
+
+
+def test_the_same_classes_in_another_order_are_remapped(cat_dog_run, tmp_path, capsys):
+  """The same kind, another input: the same images packed as an npz whose class list is
+  (dog, cat). Eval remaps the labels and gives the workdir's own numbers; a resume trains on
+  the model's ids; a warm start that takes the head stops (its rows are per class)."""
+  root, data, work, trained = cat_dog_run
+  files = {}
+  for split in ('train', 'test'):
+    files[split] = str(tmp_path / f'{split}.npz')
+    np.savez(files[split], **_npz_of(data, split, ['dog', 'cat']))
+  prepare_data.main([f'--source=npz:train={files["train"]},test={files["test"]}',
+                     f'--out={tmp_path / "d"}'])
+  swapped = tmp_path / 'd'
+  capsys.readouterr()
+  record = evaluate_checkpoint(_config(swapped, steps=4), work)
+  assert 'labels remapped' in capsys.readouterr().out
+  assert record['accuracy'] == trained['accuracy']
+  assert record['nll'] == pytest.approx(trained['nll'], rel=1e-5)
+  copy = str(tmp_path / 'w')
+  shutil.copytree(work, copy)
+  assert train_and_evaluate(_config(swapped, steps=6), copy)['step'] == 6
+  assert json.load(open(os.path.join(copy, 'classes.json'))) == {'class_names': ['cat', 'dog']}
+  warm = _config(swapped, steps=2, **{'train.init_from': work})
+  warm.train.init_prefixes = ('backbone', 'head')
+  with pytest.raises(ClassListError, match='in another order'):
+    train_and_evaluate(warm, str(tmp_path / 'warm'))

@@ -51,9 +51,10 @@ def user_errors() -> tuple:
   from training.resolve import ConfigError
   from input_pipeline.sources import EmptySplitError, LabelError
   from training.checkpointing import DamagedCheckpointError, IncompatibleCheckpointError
-  from training.workdir import WorkdirInUseError
+  from training.workdir import ClassListError, WorkdirInUseError
   return (FileNotFoundError, IncompatibleCheckpointError, DamagedCheckpointError,
-          WorkdirInUseError, FloatingPointError, LabelError, EmptySplitError, ConfigError)
+          WorkdirInUseError, FloatingPointError, LabelError, EmptySplitError, ConfigError,
+          ClassListError)
 
 
 # The config file that loads a workdir's saved config, named by path (no library imports a config).

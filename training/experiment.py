@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from training.resolve import ConfigError, resolve
 from input_pipeline.pipeline import eval_dataset, preprocess
-from input_pipeline.sources import DatasetInfo, Subset, build_source
+from input_pipeline.sources import DatasetInfo, RemappedLabels, Subset, build_source
 from training.mesh import (batch_sharding, batch_size_multiple, build_mesh,
                            feature_sharding)
 from training.model import build_model
@@ -21,6 +21,7 @@ from training.optimizer import build_optimizer, build_schedule
 from training.progress import Reported
 from training.checkpointing import ClassLayout
 from training.state import TrainState, abstract_params, class_axes, state_shardings
+from training.workdir import check_classes
 
 
 @dataclasses.dataclass
@@ -33,6 +34,7 @@ class Experiment:
   image_shape: tuple
   abstract_state: TrainState
   shardings: TrainState
+  class_map: Optional[np.ndarray] = None   # data class id -> model class id (`match_classes`)
 
   @classmethod
   def build(cls, config: ml_collections.ConfigDict,
@@ -76,13 +78,30 @@ class Experiment:
     """The train split as training reads it (`build_source(train=True)`: class subset, label
     noise)."""
     c = self.config
-    return build_source(c.dataset, c.dataset.train_split, c.seed, train=True)[0]
+    return self._remapped(build_source(c.dataset, c.dataset.train_split, c.seed, train=True)[0])
 
   @functools.cached_property
   def _eval_split(self) -> tuple[Any, DatasetInfo]:
     c = self.config
     source, info = build_source(c.dataset, c.dataset.eval_split, c.seed, train=False)
+    if self.class_map is not None:   # the names in the model's id order
+      names = np.empty(len(self.class_map), object)
+      names[self.class_map] = info.class_names
+      info = dataclasses.replace(info, class_names=tuple(names))
+    source = self._remapped(source)
     return (Subset(source, c.eval.max_examples) if c.eval.max_examples else source), info
+
+  def _remapped(self, source: Any) -> Any:
+    return source if self.class_map is None else RemappedLabels(source, self.class_map)
+
+  def match_classes(self, workdir: str) -> None:
+    """Checks the data's class list (names and order) against the one recorded with the model
+    of `workdir` (`training.workdir.check_classes`: ClassListError naming what differs); when
+    only the order differs, both splits are relabelled to the model's class ids from here on."""
+    self.class_map = check_classes(workdir, self.info.class_names)
+    if self.class_map is not None:
+      for cached in ('train_source', '_eval_split'):   # rebuilt, relabelled, on next use
+        self.__dict__.pop(cached, None)
 
   @property
   def eval_source(self) -> Any:

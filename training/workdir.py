@@ -1,19 +1,27 @@
-"""The workdir: a lock so two runs never write into one, and the resolved config (saved, loaded)."""
+"""The workdir: a lock so two runs never write into one, the resolved config (saved, loaded)
+and the model's class list (recorded, checked against the data)."""
 import json
 import os
 import socket
+from typing import Optional, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 
 from training.json_file import write_json
 
 
 CONFIG_FILE = 'config.json'
+CLASSES_FILE = 'classes.json'   # the class list of the model (names in id order)
 
 
 class WorkdirInUseError(RuntimeError):
   """Another live process holds the workdir."""
+
+
+class ClassListError(ValueError):
+  """The data's classes are not those the workdir's model was trained on."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -99,6 +107,49 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   with open(tmp, 'w') as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def save_classes(workdir: str, names: Sequence[str]) -> None:
+  """Records `names` (the model's class list, class id = position) as `classes.json`."""
+  write_json(os.path.join(workdir, CLASSES_FILE), {'class_names': list(names)})
+
+
+def check_classes(workdir: str, names: Sequence[str], *, reorder: bool = True,
+                  what: str = 'the data') -> Optional[np.ndarray]:
+  """Checks the class list of the data (`names`, in its id order) against the one recorded
+  with the model of `workdir` (`save_classes`). Returns None when it records none or the same
+  list; with `reorder`, when the data has the same classes in another order, the map [K] of
+  data class id -> model class id (and prints that it remaps them). Raises ClassListError
+  naming what differs otherwise (or, without `reorder`, when only the order differs)."""
+  path = os.path.join(workdir, CLASSES_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    model = list(json.load(f)['class_names'])
+  data = [str(n) for n in names]
+  if model == data:
+    return None
+  where = f'the model in {workdir} was trained on {len(model)} classes'
+  if sorted(model) == sorted(data) and len(set(data)) == len(data):
+    moved = [f'{n!r} {data.index(n)} -> {i}' for i, n in enumerate(model) if data[i] != n]
+    if not reorder:
+      raise ClassListError(
+          f'{where} in another order than {what} ({len(moved)} ids differ, e.g. '
+          f'{"; ".join(moved[:4])}): its class-specific parameters would be taken for the '
+          'wrong classes; re-prepare the data in the class order of ' + path)
+    print(f'{what.capitalize()} has the classes of the model in {workdir} in another order: '
+          f'labels remapped to the model\'s ids ({len(moved)} moved: '
+          f'{"; ".join(moved[:6])}{"; ..." if len(moved) > 6 else ""}).', flush=True)
+    return np.array([model.index(n) for n in data], np.int32)
+  only_model = [n for n in model if n not in data]
+  only_data = [n for n in data if n not in model]
+  show = lambda names: ', '.join(map(repr, names[:6])) + (', ...' if len(names) > 6 else '')
+  diff = '; '.join(part for part in (
+      only_model and f'only the model has {show(only_model)}',
+      only_data and f'only {what} has {show(only_data)}') if part) or 'the same names, repeated'
+  raise ClassListError(
+      f'{where} ({path}), {what} has {len(data)} that differ: {diff}. Use the data it was '
+      'trained on (re-prepare it with the same class names), or train a new --workdir.')
 
 
 def _tuples(value):
