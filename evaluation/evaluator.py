@@ -120,15 +120,43 @@ def _rank_update(top_p, top_y, pos, neg, probs, labels, mask, *, class_axis, map
   return p[None, :, :m], y[None, :, :m], pos[None], neg[None]
 
 
-def _average_precision(top_p, top_y, pos, neg, *, row_axes, map_bins):
-  """shard_map body: per class of this block, (AP, its error bound, number of positives), [k]
-  each, from every data shard's summary (`MAP_DOC`)."""
+def _merge_rows(top_p, top_y, pos, neg, classes, *, row_axes, row_count):
+  """This device's share of its class block with every data row's summary merged: the block's
+  k classes (padded to a multiple of row_count) split over the rows, each row device getting
+  its k / row_count classes' top-k lists from all rows [k / rows, rows x M] (all_to_all) and
+  their histograms summed (psum_scatter): O(k (M + bins)) memory, as the accumulator."""
+  pad = -len(classes) % row_count
+  rows = lambda a, value: jnp.pad(a, ((0, pad), (0, 0)), constant_values=value)
+  top_p, top_y, pos, neg = rows(top_p, -1), rows(top_y, -1), rows(pos, 0), rows(neg, 0)
+  classes = jnp.pad(classes, (0, pad), constant_values=-1)
+  share = (len(classes) // row_count)
+  classes = jax.lax.dynamic_slice(classes, (jax.lax.axis_index(row_axes) * share,), (share,))
+  to_rows = lambda a: jax.lax.all_to_all(a, row_axes, 0, 1, tiled=True)
+  summed = lambda a: jax.lax.psum_scatter(a, row_axes, scatter_dimension=0, tiled=True)
+  return to_rows(top_p), to_rows(top_y), summed(pos), summed(neg), classes
+
+
+def _mean_average_precision(top_p, top_y, pos, neg, *, row_axes, row_count, class_axis,
+                            num_classes, map_bins):
+  """shard_map body: (sum of AP, sum of its error bound, number) over the real classes with a
+  positive, psum'd over the mesh, from every data row's summary (`MAP_DOC`)."""
   m = top_p.shape[-1]
   top_p, top_y, pos, neg = top_p[0], top_y[0], pos[0], neg[0]
+  k = top_p.shape[0]
+  classes = (jax.lax.axis_index(class_axis) * k if class_axis else 0) + jnp.arange(k)
   if row_axes:
-    top_p = jax.lax.all_gather(top_p, row_axes, axis=1, tiled=True)
-    top_y = jax.lax.all_gather(top_y, row_axes, axis=1, tiled=True)
-    pos, neg = jax.lax.psum(pos, row_axes), jax.lax.psum(neg, row_axes)
+    top_p, top_y, pos, neg, classes = _merge_rows(top_p, top_y, pos, neg, classes,
+                                                  row_axes=row_axes, row_count=row_count)
+  ap, bound, npos = _average_precision(top_p, top_y, pos, neg, m, map_bins)
+  keep = (classes >= 0) & (classes < num_classes) & (npos > 0)
+  sums = tuple(jnp.sum(jnp.where(keep, x, 0.0)) for x in (ap, bound, keep))
+  axes = tuple(row_axes) + ((class_axis,) if class_axis else ())
+  return jax.lax.psum(sums, axes) if axes else sums
+
+
+def _average_precision(top_p, top_y, pos, neg, m, map_bins):
+  """Per class (AP, its error bound, number of positives), [k] each, from the merged top-k
+  lists [k, >= m] and histograms [k, map_bins] (`MAP_DOC`)."""
   neg_p, y = jax.lax.sort((-top_p, top_y), dimension=1, num_keys=1)
   p = -neg_p
   # E: the top M strictly above the M-th value; the rest joins the histograms.
@@ -189,7 +217,8 @@ class EvalStep:
     self._row_count = int(np.prod([mesh.shape[a] for a in self._rows]))
     self._class_count = mesh.shape[self._classes] if self._classes else 1
     self._in = (*in_shardings, batch_sharding(mesh))
-    self._jit_steps = {}
+    self._jit_steps, self._jit_zeros = {}, {}
+    self._jit_map = jax.jit(self._map, out_shardings=NamedSharding(mesh, P()))
 
   # ----- The accumulator: its layout, zeros, and the jitted step over it.
 
@@ -218,10 +247,13 @@ class EvalStep:
   def accumulator(self, params, batch_stats, batch) -> dict:
     """A zero accumulator for batches like `batch`, placed on the mesh."""
     layout = self._layout(params, batch_stats, batch)
-    empty = lambda k, s, d: (jnp.full(s, -1, d) if k in ('top_p', 'top_y') else jnp.zeros(s, d))
-    shardings = {k: NamedSharding(self.mesh, spec) for k, (_, _, spec) in layout.items()}
-    return jax.jit(lambda: {k: empty(k, s, d) for k, (s, d, _) in layout.items()},
-                   out_shardings=shardings)()
+    key = tuple(sorted((k, s, jnp.dtype(d).name, spec) for k, (s, d, spec) in layout.items()))
+    if key not in self._jit_zeros:
+      empty = lambda k, s, d: jnp.full(s, -1 if k in ('top_p', 'top_y') else 0, d)
+      self._jit_zeros[key] = jax.jit(
+          lambda: {k: empty(k, s, d) for k, (s, d, _) in layout.items()},
+          out_shardings={k: NamedSharding(self.mesh, spec) for k, (_, _, spec) in layout.items()})
+    return self._jit_zeros[key]()
 
   def _step(self, acc, params, batch_stats, batch):
     logits = mask_classes(self.logits_fn(params, batch_stats, batch['image']), self.num_classes)
@@ -267,23 +299,21 @@ class EvalStep:
   # ----- Results.
 
   def _map(self, acc) -> dict:
-    rows = self._rows or None
-    ranked = P(rows, self._classes, None)
+    ranked = P(self._rows or None, self._classes, None)
     body = jax.shard_map(
-        lambda *a: _average_precision(*a, row_axes=self._rows, map_bins=self.map_bins),
-        mesh=self.mesh, in_specs=(ranked,) * 4, out_specs=(P(self._classes),) * 3,
-        check_vma=False)
-    ap, bound, npos = body(acc['top_p'], acc['top_y'], acc['pos'], acc['neg'])
-    keep = real_classes(ap.shape[0], self.num_classes) & (npos > 0)
-    classes = jnp.sum(keep)
-    mean = lambda x: jnp.sum(jnp.where(keep, x, 0.0)) / jnp.maximum(classes, 1)
-    return {'map': mean(ap), 'map_classes': classes, 'map_error_bound': mean(bound)}
+        lambda *a: _mean_average_precision(
+            *a, row_axes=self._rows, row_count=self._row_count, class_axis=self._classes,
+            num_classes=self.num_classes, map_bins=self.map_bins),
+        mesh=self.mesh, in_specs=(ranked,) * 4, out_specs=(P(),) * 3)
+    ap, bound, classes = body(acc['top_p'], acc['top_y'], acc['pos'], acc['neg'])
+    return {'map': ap / jnp.maximum(classes, 1), 'map_classes': classes,
+            'map_error_bound': bound / jnp.maximum(classes, 1)}
 
   def results(self, acc) -> tuple[dict, dict]:
     """(metrics, reliability bins {'count', 'confidence', 'correct'} [num_bins]) on the host."""
     scalars = {k: v for k, v in acc.items() if k not in ('top_p', 'top_y', 'pos', 'neg')}
     if 'top_p' in acc:
-      scalars.update(jax.jit(self._map)(acc))
+      scalars.update(self._jit_map(acc))
     host = {k: np.asarray(v, np.float64) for k, v in jax.device_get(scalars).items()}
     bins = {k: np.asarray(host[f'bin_{k}'], np.float64) for k in ('count', 'confidence',
                                                                    'correct')}

@@ -94,6 +94,25 @@ def test_map_agrees_with_sklearn_within_its_bound(mesh, pos, neg):
   assert 1e-3 < coarse['map_error_bound'] < 0.1
 
 
+def test_map_is_the_same_on_any_mesh(mesh):
+  """Each data row keeps its own summary; the merge (all_to_all of the top-k lists,
+  psum_scatter of the histograms, class blocks padded to the row count) gives the same mAP on
+  a (2, 4) mesh, on (8, 1) and on a 3-axis (replica, data, model) mesh."""
+  rng = np.random.default_rng(6)
+  logits, y = _sigmoid_case(rng, 3000, 36, -2.0, 3.0, -8.0, 2.0, max_pos=6)
+  want, classes = _sklearn_map(_sigmoid(logits), y)
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  meshes = [mesh, build_mesh(('data', 'model'), (8, 1)),
+            jax.make_mesh((2, 2, 2), ('replica', 'data', 'model'), axis_types=auto)]
+  results = [_run(_step(m, 'sigmoid', 36, map_top_k=8), logits, _label_sets(y))[0]
+             for m in meshes]
+  for r in results:
+    assert r['map_classes'] == classes
+    assert abs(r['map'] - want) <= r['map_error_bound'] + 1e-6
+    assert r['map'] == pytest.approx(results[0]['map'], abs=1e-6)
+    assert r['map_error_bound'] == pytest.approx(results[0]['map_error_bound'], abs=1e-6)
+
+
 def test_map_softmax_many_classes(mesh):
   rng = np.random.default_rng(1)
   n, k = 3000, 200
