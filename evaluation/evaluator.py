@@ -39,7 +39,6 @@ from training.mesh import batch_axes, batch_sharding
 from training.model import step_rngs
 
 EVAL_SEED = 20260101  # fixed: MC heads draw the same noise on every evaluation
-DEFAULTS = ml_collections.ConfigDict({'num_bins': 15, 'map_bins': 512, 'map_top_k': 64})
 LOGIT_RANGE = (-24.0, 17.0)  # logit(p) spanned by the mAP histogram (1 - 2^-24 -> 16.6)
 NLL_DEFINITION = ('mean over images of the per-image NLL of the head\'s link, in nats: '
                   "link='sigmoid': binary cross-entropy summed over classes; link='softmax': "
@@ -69,10 +68,11 @@ random order) est_b = (T'_b + (p_b + 1) / 2) / (T'_b + F'_b + (p_b + 1) / 2 + n_
 lies in that interval (tie bins: the tie precision, exact). So per class
 
   |AP_hist - AP_sklearn| <= (1 / npos) sum_b p_b max(hi_b - est_b, est_b - lo_b)
-                         <= (1 / npos) sum_b p_b max(p_b - 1, n_b) / (T_b + F_b),
+                         <= (1 / npos) sum_b p_b (p_b - 1 + n_b) / (T_b + F_b),
 
-T_b + F_b (>= |E| ~ M) the examples at or above bin b: the error is the share of examples
-that sit in a positive's bin among those ranked above it. The mean of the first bound over the
+T_b + F_b = T'_b + p_b + F'_b + n_b (>= |E|, ~M) the examples at or above bin b (hi_b - lo_b
+<= (p_b - 1 + n_b) / (T_b + F_b), through the tie precision T_b / (T_b + F_b) between them):
+the error is the share of the examples ranked at or above a positive that share its bin. The mean of the first bound over the
 classes averaged is returned as `map_error_bound`, a guarantee for the data at hand (0: exact).
 The top-M set makes the bound small where fixed bins cannot (at the top of a class's ranking,
 where few examples are above); the bins need only resolve the bulk. With M = 64, 512 bins, on
@@ -204,9 +204,9 @@ class EvalStep:
   """
 
   def __init__(self, logits_fn: Callable, link: str, num_classes: int, mesh: Mesh,
-               in_shardings: tuple, options: Optional[ml_collections.ConfigDict] = None):
-    """in_shardings: those of (params, batch_stats); options: `config.eval`."""
-    options = options or DEFAULTS
+               in_shardings: tuple, options: ml_collections.ConfigDict):
+    """in_shardings: those of (params, batch_stats); options: `config.eval` (num_bins,
+    map_bins, map_top_k)."""
     self.logits_fn, self.link, self.num_classes, self.mesh = logits_fn, link, num_classes, mesh
     self.num_bins, self.map_bins = int(options.num_bins), int(options.map_bins)
     self.map_top_k = int(options.map_top_k)
@@ -347,10 +347,11 @@ def accumulate(acc: dict, logits: jax.Array, probs: jax.Array, labels: jax.Array
   """The scalar sums and reliability bins of `acc` after one batch (jit-able, any sharding).
 
   logits [B, K_pad] float32 with the padded classes masked (`mask_classes`), probs their
-  `probabilities(link, logits)`, labels [B] or label sets [B, L], mask [B] (1 = real example). Sums: 'count' (real examples), 'weight' (examples in top-1 and
-  ECE: real ones, or for label sets those with a label), 'correct' (accuracy / prec@1 numerator),
-  'nll', and 'bin_count', 'bin_confidence', 'bin_correct' [num_bins] over equal-width
-  confidence bins [i / n, (i + 1) / n) as `evaluation.calibration.bin_statistics`.
+  `probabilities(link, logits)`, labels [B] or label sets [B, L], mask [B] (1 = real example).
+  Sums: 'count' (real examples), 'weight' (examples in top-1 and ECE: real ones, or for label
+  sets those with a label), 'correct' (accuracy / prec@1 numerator), 'nll', and 'bin_count',
+  'bin_confidence', 'bin_correct' [num_bins] over equal-width confidence bins
+  [i / n, (i + 1) / n) as `evaluation.calibration.bin_statistics`.
   """
   if labels.ndim == 2:
     weight = mask * has_label(labels)
@@ -374,10 +375,9 @@ def accumulate(acc: dict, logits: jax.Array, probs: jax.Array, labels: jax.Array
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, state_shardings: Any,
-                   options: Optional[ml_collections.ConfigDict] = None) -> EvalStep:
+                   options: ml_collections.ConfigDict) -> EvalStep:
   """The `EvalStep` of `model` on `mesh` (its head's link and `num_classes`; the eval noise of
-  MC heads fixed by EVAL_SEED); `options` is `config.eval` (num_bins, map_bins, map_top_k;
-  `DEFAULTS` when None)."""
+  MC heads fixed by EVAL_SEED); `options` is `config.eval` (num_bins, map_bins, map_top_k)."""
   def logits_fn(params, batch_stats, image):
     out = model.apply({'params': params, 'batch_stats': batch_stats}, image, train=False,
                       rngs=step_rngs(jax.random.key(EVAL_SEED), 0, model.head))

@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from sklearn.metrics import average_precision_score
 
-from evaluation.evaluator import DEFAULTS, EvalStep
+from configs.schema import base_config
+from evaluation.evaluator import EvalStep
 from input_pipeline.pipeline import to_global
 from training.mesh import batch_sharding, build_mesh
 
@@ -26,8 +27,9 @@ def mesh():
 
 def _step(mesh, link, num_classes, **options):
   replicated = NamedSharding(mesh, P())
+  options = ml_collections.ConfigDict({**base_config().eval, **options})
   return EvalStep(lambda params, batch_stats, logits: logits, link, num_classes, mesh,
-                  (replicated, replicated), ml_collections.ConfigDict({**DEFAULTS, **options}))
+                  (replicated, replicated), options)
 
 
 def _run(step, logits, labels):
