@@ -27,7 +27,9 @@ _BACKBONES: Dict[str, Callable[..., nn.Module]] = {
     'resnet18': functools.partial(ResNet, depth=18),
     'resnet34': functools.partial(ResNet, depth=34),
     'resnet50': functools.partial(ResNet, depth=50),
-    **{f'vit_{v.lower()}{p}': functools.partial(_vit, v, p) for v in VARIANTS for p in (16, 32)},
+    # vit_b16, vit_l32, ..., vit_g14 (giant) and vit_G14 (Gigantic): case kept where it differs
+    **{f'vit_{v if v in ("g", "G") else v.lower()}{p}': functools.partial(_vit, v, p)
+       for v in VARIANTS for p in (14, 16, 32)},
     # BiT ResNet-v2 (the public BiT-S/M/L weights: backbones/pretrained.py)
     **{f'bit_r{d}x{w}': functools.partial(BiT, depth=d, width=w)
        for d in (50, 101, 152) for w in (1, 2, 3, 4)},

@@ -5,12 +5,17 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-# variant -> (width, depth, num_heads, mlp_dim), as in Dosovitskiy et al. / DeiT.
+# variant -> (width, depth, num_heads, mlp_dim), as in Dosovitskiy et al. / DeiT; H, g (1.0 B
+# parameters at /14) and G (1.8 B) as big_vision's `vit.decode_variant` (Zhai et al. 2022,
+# "Scaling Vision Transformers").
 VARIANTS = {
     'Ti': (192, 12, 3, 768),
     'S': (384, 12, 6, 1536),
     'B': (768, 12, 12, 3072),
     'L': (1024, 24, 16, 4096),
+    'H': (1280, 32, 16, 5120),
+    'g': (1408, 40, 16, 6144),
+    'G': (1664, 48, 16, 8192),
 }
 
 _dense_kernel = nn.initializers.xavier_uniform()

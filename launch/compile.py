@@ -76,9 +76,10 @@ def parse_topology(topology: str) -> tuple[str, tuple]:
   return m.group(1), tuple(int(d) for d in m.group(2).split('x'))
 
 
-def topology_devices(topology: str) -> tuple[list, Dict[str, Any]]:
-  """The compile-only devices of a TPU topology, and the per-device chip figures (peak bf16
-  FLOP/s, HBM bytes and bytes/s divided among the devices of one chip). Needs libtpu."""
+def topology_devices(topology: str, num_slices: int = 1) -> tuple[list, Dict[str, Any]]:
+  """The compile-only devices of a TPU topology (`num_slices` of it, joined over DCN: a
+  multi-slice pod; each device has its `slice_index`), and the per-device chip figures (peak
+  bf16 FLOP/s, HBM bytes and bytes/s divided among the devices of one chip). Needs libtpu."""
   require_libtpu()
   # No TPU here: skip libtpu's metadata-server queries and its one-process lock (other JAX
   # processes on this host may hold it).
@@ -87,10 +88,12 @@ def topology_devices(topology: str) -> tuple[list, Dict[str, Any]]:
   from jax.experimental import topologies
   generation, dims = parse_topology(topology)
   kwargs = {'chip_config_name': 'megacore'} if generation in MEGACORE else {}
+  if num_slices > 1:
+    kwargs['num_slices'] = num_slices
   devices = topologies.get_topology_desc(f'{generation}:{"x".join(map(str, dims))}', 'tpu',
                                          **kwargs).devices
   chip = CHIPS[generation]
-  chips = 1
+  chips = num_slices
   for d in dims:
     chips *= d
   per_chip = len(devices) // chips
@@ -105,14 +108,14 @@ def topology_devices(topology: str) -> tuple[list, Dict[str, Any]]:
   return list(devices), per_device
 
 
-def lower_train_step(config, topology: str):
+def lower_train_step(config, topology: str, num_slices: int = 1):
   """(experiment, per-device chip figures, lowered step): `make_train_step` over a mesh of
   the topology's devices, lowered on the abstract state and batch. Opens no dataset when the
   config fixes the image shape (`training.experiment.config_image_shape`)."""
   from training.experiment import Experiment
   from training.train_step import make_train_step
 
-  devices, chip = topology_devices(topology)
+  devices, chip = topology_devices(topology, num_slices)
   exp = Experiment.build(config, devices, with_data=False)
   lowered = make_train_step(exp).lower(exp.abstract_restore_target(), exp.abstract_batch())
   return exp, chip, lowered
@@ -127,6 +130,7 @@ def measure(exp, chip: Dict[str, Any], compiled) -> Dict[str, Any]:
   """
   import jax
   from launch.hlo_cost import loop_costs
+  from training.mesh import batch_size_multiple
   from training.state import param_count
 
   mem = compiled.memory_analysis()
@@ -157,7 +161,8 @@ def measure(exp, chip: Dict[str, Any], compiled) -> Dict[str, Any]:
   return {
       'topology': None, 'chip': chip, 'mesh': dict(exp.mesh.shape),
       'batch_size': config.input.batch_size,
-      'per_device_batch': config.input.batch_size // exp.mesh.shape['data'],
+      'per_device_batch': config.input.batch_size // batch_size_multiple(exp.mesh),
+      'param_bytes_per_device': param_bytes_per_device(exp),
       'image_shape': list(exp.image_shape), 'params': param_count(exp.abstract_state.params),
       'memory': memory, 'cost': costs,
       'roofline': {'compute_s': compute_s, 'memory_s': memory_s,
@@ -167,14 +172,26 @@ def measure(exp, chip: Dict[str, Any], compiled) -> Dict[str, Any]:
   }
 
 
-def compile_train_step(config, topology: str) -> Dict[str, Any]:
+def param_bytes_per_device(exp) -> int:
+  """Bytes of parameters and optimizer state one device holds under the run's shardings (the
+  largest shard of each array): what FSDP and class sharding divide."""
+  import jax
+  import numpy as np
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(exp.abstract_state), jax.tree.leaves(exp.shardings)):
+    shape = sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def compile_train_step(config, topology: str, num_slices: int = 1) -> Dict[str, Any]:
   """Lowers and compiles the train step for `topology`; returns `measure`'s numbers (plus the
   topology and the compile time in seconds)."""
   t0 = time.perf_counter()
-  exp, chip, lowered = lower_train_step(config, topology)
+  exp, chip, lowered = lower_train_step(config, topology, num_slices)
   compiled = lowered.compile()
   report = measure(exp, chip, compiled)
-  report['topology'] = topology
+  report['topology'] = topology if num_slices == 1 else f'{num_slices} x {topology}'
   report['compile_s'] = time.perf_counter() - t0
   return report
 
@@ -186,7 +203,7 @@ def format_report(r: Dict[str, Any]) -> str:
   return '\n'.join([
       f"topology {r['topology']}: {c['chips']} chips, {c['devices']} devices of "
       f"{c['device_kind']}; mesh {r['mesh']}; batch {r['batch_size']} "
-      f"({r['per_device_batch']} per data shard); image {tuple(r['image_shape'])}; "
+      f"({r['per_device_batch']} per device); image {tuple(r['image_shape'])}; "
       f"{r['params']:,} params",
       'per device memory:',
       f"  arguments       {gib(m['argument_bytes'])}",
@@ -229,6 +246,8 @@ def _define_flags() -> None:
                                   lock_config=True)
   flags.DEFINE_string('topology', None, 'TPU topology, e.g. v4:4x4x4, v5e:16x16')
   flags.DEFINE_string('json', None, 'also write the numbers to this JSON file')
+  flags.DEFINE_integer('num_slices', 1, 'slices of the topology joined over DCN (multi-slice: '
+                       'use mesh.dcn_shape to lay the mesh over them)')
   flags.mark_flags_as_required(['config', 'topology'])
 
 
@@ -239,7 +258,7 @@ def main(argv):
   f = flags.FLAGS
   try:
     require_libtpu()
-    report = compile_train_step(f.config, f.topology)
+    report = compile_train_step(f.config, f.topology, f.num_slices)
   except (LibtpuMissingError, ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   except jax.errors.JaxRuntimeError as e:
