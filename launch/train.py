@@ -20,7 +20,7 @@ from evaluation.evaluator import evaluate, make_eval_step
 from evaluation.report import write_eval_report
 from input_pipeline.pipeline import to_global, train_dataset
 from input_pipeline.sources import NoisyLabels
-from training.checkpointing import Checkpointer, check_signature
+from training.checkpointing import Checkpointer, check_signature, disk_full_is_one_line
 from training.experiment import Experiment
 from training.mesh import batch_sharding
 from training.metric_writer import MetricWriter
@@ -133,19 +133,22 @@ def _evaluate(exp: Experiment, eval_step: Any, state: TrainState, step: int,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates. Returns the
   final eval metrics ({} when preempted: saved, re-run to resume)."""
-  os.makedirs(workdir, exist_ok=True)
   # The exit stack closes the checkpointer and the metric writer however `_train` ends; closing
   # the checkpointer waits for a pending async save, so an exception raised after a save (a
-  # NaN stop, a crash in eval) never loses that save.
-  with WorkdirLock(workdir), contextlib.ExitStack() as cleanup:
-    return _train(config, workdir, cleanup)
+  # NaN stop, a crash in eval) never loses that save. A full disk, wherever it shows (LOCK, a
+  # save, the wait for an async one), is one DiskFullError naming the last complete step.
+  with disk_full_is_one_line(workdir) as disk:
+    os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir), contextlib.ExitStack() as cleanup:
+      return _train(config, workdir, cleanup, disk)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str,
-           cleanup: contextlib.ExitStack) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack,
+           disk: Any) -> dict:
   # ----- Setup: mesh, model, optimizer, state layout. Nothing is written into the workdir
   # until every check has passed (see "Record" below), so a rejected command changes nothing.
   exp = Experiment.build(config)
+  disk.state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(exp.abstract_state))
   check_signature(workdir, exp.abstract_state.params, record=False, layout=exp.class_layout)
   logging.info('mesh %s; %d params', dict(exp.mesh.shape), param_count(exp.abstract_state.params))
 

@@ -16,7 +16,8 @@ from launch import prepare_data
 from launch.train import train_and_evaluate
 from input_pipeline.sources import EmptySplitError, RecordSource
 from tests.helpers import load_config
-from training.checkpointing import DamagedCheckpointError, complete_steps
+from training.checkpointing import (Checkpointer, DamagedCheckpointError, DiskFullError,
+                                    complete_steps)
 from training.cli import user_errors
 from training.workdir import ClassListError
 
@@ -262,3 +263,64 @@ def test_the_same_classes_in_another_order_are_remapped(cat_dog_run, tmp_path, c
   warm.train.init_prefixes = ('backbone', 'head')
   with pytest.raises(ClassListError, match='in another order'):
     train_and_evaluate(warm, str(tmp_path / 'warm'))
+
+
+# ----- case 3: a full disk ---------------------------------------------------------------------------
+
+ENOSPC_FROM_ORBAX = ValueError(   # what orbax raises at the save after the one that hit it
+    'RESOURCE_EXHAUSTED: Error writing "params.head.kernel/0.0" in OCDBT database at local '
+    'file "W/checkpoints/3.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/": Failed to write '
+    "71567 bytes to file 8: No space left on device [os_error_code='28']")
+
+
+def test_a_full_disk_at_a_save_is_one_line_naming_the_last_complete_step(tmp_path, monkeypatch):
+  """Issue 27, case 3: a bare orbax RESOURCE_EXHAUSTED at the save of step 3."""
+  original = Checkpointer.save
+
+  def save(self, step, *args, **kwargs):
+    if step == 3:
+      raise ENOSPC_FROM_ORBAX
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(Checkpointer, 'save', save)
+  with pytest.raises(DiskFullError) as err:
+    train_and_evaluate(_quickstart(4, checkpoint_every=1), str(tmp_path))
+  message = str(err.value)
+  assert message.startswith(f'no space left on the disk of {tmp_path} (')
+  assert 'the last complete checkpoint, step 2, is intact' in message
+  size = sum(os.path.getsize(os.path.join(r, n))
+             for r, _, names in os.walk(tmp_path / 'checkpoints' / '2') for n in names)
+  need = float(message.split('a checkpoint needs about ')[1].split(' MiB')[0]) * 2**20
+  assert size - 2**20 / 20 <= need <= 1.2 * size   # step 2's size on disk, or the state's
+  assert '\n' not in message and isinstance(err.value, user_errors())
+  assert complete_steps(str(tmp_path)) == [1, 2]
+
+
+def test_a_disk_full_at_start_is_one_line(tmp_path, monkeypatch):
+  """The same kind, another input: the disk is full before anything is written (LOCK)."""
+  import errno
+  from training import workdir
+
+  def full(path, *args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device', path)
+
+  monkeypatch.setattr(workdir, 'write_json', full)
+  with pytest.raises(DiskFullError, match=r'no space left on the disk of .*: no checkpoint was '
+                                          r'complete yet\. .* re-run the same command to start'):
+    train_and_evaluate(_quickstart(2), str(tmp_path))
+
+
+def test_a_real_full_filesystem(tmp_path):
+  """The same on a 3 MiB tmpfs (root only, else skipped): step 1 fits, step 2 does not."""
+  import subprocess
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3M', 'tmpfs', str(disk)],
+                    capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  try:
+    with pytest.raises(DiskFullError, match='the last complete checkpoint, step 1, is intact'):
+      train_and_evaluate(_quickstart(4, checkpoint_every=1), str(disk / 'w'))
+    assert complete_steps(str(disk / 'w')) == [1]
+  finally:
+    subprocess.run(['umount', str(disk)], check=True)

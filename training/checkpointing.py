@@ -14,9 +14,14 @@ names it, by every reader: resume, eval, `train.init_from`, LLC phase-1 checks, 
 Everything that reads a run's trained parameters (eval, `train.init_from`, SOC's added
 classes, LLC's baseline codebooks) goes through `restore_variables`.
 """
+import contextlib
+import errno
 import json
 import os
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+import shutil
+import sys
+import types
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import grain
 import jax
@@ -54,6 +59,77 @@ class NoCheckpointError(FileNotFoundError):
 
 class DamagedCheckpointError(ValueError):
   """No finalised checkpoint of the workdir (or not the step asked for) restores."""
+
+
+class DiskFullError(OSError):
+  """The disk of the workdir filled up while a run wrote to it (a checkpoint, a log, LOCK)."""
+
+
+def _disk_full(error: BaseException) -> bool:
+  """Whether `error` or one of its causes is ENOSPC / EDQUOT (orbax re-raises tensorstore's as
+  "RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']")."""
+  for _ in range(8):
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if 'No space left on device' in str(error) or 'Disk quota exceeded' in str(error):
+      return True
+    if error.__cause__ is None and error.__context__ is None:
+      return False
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _du(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path)
+             for n in names)
+
+
+def _mib(n: int) -> str:
+  return f'{n / 2**20:.1f} MiB'
+
+
+def _ignore_closed_event_loops() -> None:
+  """Drops the "RuntimeError: Event loop is closed" that tensorstore's write callbacks print
+  (through sys.excepthook / sys.unraisablehook), one per write still pending, after orbax's
+  save failed and closed its event loop: hundreds of lines after the run's one error line."""
+  def quiet(hook):
+    def hook_(*args):
+      error = args[1] if len(args) > 1 else getattr(args[0], 'exc_value', None)
+      if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+        hook(*args)
+    return hook_
+  sys.excepthook, sys.unraisablehook = quiet(sys.excepthook), quiet(sys.unraisablehook)
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(workdir: str) -> Iterator[Any]:
+  """Turns an exception caused by a full disk into a DiskFullError (one line: the workdir,
+  the free space, what a checkpoint needs, the last complete step, which is intact since
+  saves are atomic). Yields a namespace whose `state_bytes` the caller may set to the train
+  state's size; the need is the larger of it and the newest complete step's size on disk."""
+  known = types.SimpleNamespace(state_bytes=0)
+  try:
+    yield known
+  except Exception as e:  # pylint: disable=broad-except
+    if not _disk_full(e):
+      raise
+    _ignore_closed_event_loops()
+    steps, _ = scan_steps(workdir)
+    root = checkpoint_dir(workdir)
+    size = known.state_bytes
+    if steps:
+      size = max(size, _du(str(_FINALISED.find_step(root, steps[-1]).path)))
+      kept = f'the last complete checkpoint, step {steps[-1]}, is intact'
+    else:
+      kept = 'no checkpoint was complete yet'
+    need = f'about {_mib(size)}' if size else 'an unknown amount (no checkpoint was written yet)'
+    free = shutil.disk_usage(workdir if os.path.isdir(workdir) else os.path.dirname(
+        os.path.abspath(workdir))).free
+    raise DiskFullError(
+        f'no space left on the disk of {os.path.abspath(workdir)} ({_mib(free)} '
+        f'free; a checkpoint needs {need}): {kept}. Free space there (or use a '
+        f'--workdir on a larger disk) and re-run the same command to '
+        f'{"resume" if steps else "start"}.') from None
 
 
 class ClassLayout(NamedTuple):

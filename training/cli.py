@@ -28,10 +28,15 @@ class ExpectedOrbaxWarnings(logging_std.Filter):
   directory is read only' (eval, warm starts and `--mode=eval` open checkpoints read-only)
   and 'Item "data" was found in the checkpoint, but could not be restored' (item 'data' is
   the grain iterator's position: only resuming a run reads it; evaluating a checkpoint or
-  warm-starting from it, as LLC phase 2 does from phase 1, reads the model alone)."""
+  warm-starting from it, as LLC phase 2 does from phase 1, reads the model alone). Also the
+  tracebacks orbax's save threads log for a full disk: the run reports it as its one error
+  line (`training.checkpointing.disk_full_is_one_line`)."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
     msg = str(record.msg)
+    if any('No space left on device' in str(text) for text in (
+        msg, record.args, record.exc_info and record.exc_info[1])):
+      return False
     if msg.startswith('Given directory is read only'):
       return False
     return not (msg.startswith('Item "%s" was found in the checkpoint, but could not')
@@ -50,11 +55,12 @@ def user_errors() -> tuple:
   workdir of another model, a NaN stop...), whose messages say what to do."""
   from training.resolve import ConfigError
   from input_pipeline.sources import EmptySplitError, LabelError
-  from training.checkpointing import DamagedCheckpointError, IncompatibleCheckpointError
+  from training.checkpointing import (DamagedCheckpointError, DiskFullError,
+                                      IncompatibleCheckpointError)
   from training.workdir import ClassListError, WorkdirInUseError
   return (FileNotFoundError, IncompatibleCheckpointError, DamagedCheckpointError,
           WorkdirInUseError, FloatingPointError, LabelError, EmptySplitError, ConfigError,
-          ClassListError)
+          ClassListError, DiskFullError)
 
 
 # The config file that loads a workdir's saved config, named by path (no library imports a config).
