@@ -9,6 +9,7 @@ against `dataset.num_classes` and stops with a `LabelError` naming the split and
 values. Sources are plain Python sequences, picklable, so grain can read them from worker
 processes.
 """
+import contextlib
 import dataclasses
 import functools
 import os
@@ -25,6 +26,10 @@ class LabelError(ValueError):
 
 class EmptySplitError(ValueError):
   """A split, as the config selects it (class subset included), holds no examples."""
+
+
+class ShardReadError(OSError):
+  """A prepared dataset's shard file does not read (cut short, overwritten, unreadable)."""
 
 
 def bad_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -216,9 +221,10 @@ class RecordSource:
   (a copy opens its own readers).
   """
 
-  def __init__(self, paths: Sequence[str], version: int, lengths: Sequence[int] | None = None):
+  def __init__(self, paths: Sequence[str], version: int, lengths: Sequence[int] | None = None,
+               fix: str = 'restore it from a copy, or prepare the dataset again'):
     paths = [os.fspath(p) for p in paths]
-    self._version = version
+    self._version, self._fix = version, fix   # `fix`: what to do when a shard does not read
     if lengths is None:   # a dataset written without shard_lengths: count once
       lengths = [self._count(p) for p in paths]
     if len(lengths) != len(paths):
@@ -233,13 +239,26 @@ class RecordSource:
     """The file of shard `shard`."""
     return self._paths[shard].decode()
 
-  @staticmethod
-  def _count(path: str) -> int:
-    reader = open_shard(path)
+  def _count(self, path: str) -> int:
+    with self._reading(path):
+      reader = open_shard(path)
+      try:
+        return int(reader.num_records())
+      finally:
+        reader.close()
+
+  @contextlib.contextmanager
+  def _reading(self, path: str, record: int | None = None):
+    """Turns an error reading shard `path` (array_record raises RuntimeError, at times with
+    no message) into a ShardReadError naming the file, the record and what to do."""
     try:
-      return int(reader.num_records())
-    finally:
-      reader.close()
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      what = str(e).strip().splitlines()[0] if str(e).strip() else (
+          f'{type(e).__name__} with no message: cut short?')
+      at = f', record {record}' if record is not None else ''
+      raise ShardReadError(f'cannot read shard {path}{at} ({what}): the file is damaged (cut '
+                           f'short or overwritten) or unreadable; {self._fix}.') from None
 
   def __getstate__(self) -> dict:
     return {k: v for k, v in self.__dict__.items() if k not in ('_readers', '_holds', '_lock')}
@@ -288,12 +307,15 @@ class RecordSource:
     if not 0 <= i < len(self):
       raise IndexError(f'record {i} of {len(self)}')
     shard = int(np.searchsorted(self._offsets, i, 'right')) - 1
+    path, record = self.path(shard), i - int(self._offsets[shard])
     with self._lock:
       reader = self._readers.get(shard)
       if reader is None:
-        reader = self._readers[shard] = open_shard(self.path(shard))
-      reader.seek(i - int(self._offsets[shard]))
-      return reader.read()
+        with self._reading(path):
+          reader = self._readers[shard] = open_shard(path)
+      with self._reading(path, record):
+        reader.seek(record)
+        return reader.read()
 
   def __getitem__(self, i: int) -> dict:
     from input_pipeline.records import decode_record_text
@@ -657,8 +679,12 @@ def _read_metadata(ds: ml_collections.ConfigDict) -> dict:
 def _arrayrecord_source(ds: ml_collections.ConfigDict, split: str):
   from input_pipeline import records
   meta = _read_metadata(ds)
+  own = ds.setup_hint and f'--out={ds.data_dir}' in ds.setup_hint.replace(' ', '')
+  fix = (f'prepare it again: {ds.setup_hint}' if own else
+         f'prepare {ds.data_dir} again from its source ({meta["source"]}) with python -m '
+         f'launch.prepare_data --out={ds.data_dir} and the --source it was prepared with')
   source = RecordSource(records.split_paths(ds.data_dir, split), meta['format_version'],
-                        meta['splits'][split].get('shard_lengths'))
+                        meta['splits'][split].get('shard_lengths'), fix)
   return source, tuple(meta['class_names']), meta['multi_label'], meta['max_labels_per_image']
 
 

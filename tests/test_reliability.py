@@ -14,7 +14,7 @@ from PIL import Image
 from evaluation.from_checkpoint import evaluate_checkpoint
 from launch import prepare_data
 from launch.train import train_and_evaluate
-from input_pipeline.sources import EmptySplitError, RecordSource
+from input_pipeline.sources import EmptySplitError, RecordSource, ShardReadError
 from tests.helpers import load_config
 from training.checkpointing import (Checkpointer, DamagedCheckpointError, DiskFullError,
                                     complete_steps)
@@ -324,3 +324,42 @@ def test_a_real_full_filesystem(tmp_path):
     assert complete_steps(str(disk / 'w')) == [1]
   finally:
     subprocess.run(['umount', str(disk)], check=True)
+
+
+# ----- case 5: a damaged ArrayRecord shard ----------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+  root = tmp_path_factory.mktemp('shards')
+  return _prepare(_folder(root / 'f', {'train': 'ab', 'test': 'ab'}, n=20), root / 'd')
+
+
+def _cut(path):
+  _truncate(path)
+
+
+def _overwrite64(path):
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    f.write(b'\xff' * 64)
+
+
+@pytest.mark.parametrize('damage, split, reader', [
+    (_cut, 'train', 'global'),           # the issue's inputs: RuntimeError with no message,
+    (_overwrite64, 'train', 'global'),   # "block header hash mismatch", neither naming the file
+    (_cut, 'train', 'sharded'),          # the same kind: the other train reader, the eval split
+    (_overwrite64, 'test', 'global'),
+])
+def test_a_damaged_shard_is_one_line_naming_the_file_and_how_to_prepare_it(shards, tmp_path,
+                                                                          damage, split, reader):
+  data = tmp_path / 'd'
+  shutil.copytree(shards, data)
+  shard = str(next(data.glob(f'{split}.array_record*')))
+  damage(shard)
+  c = _config(data, **{'input.reader': reader})
+  with pytest.raises(ShardReadError) as err:
+    train_and_evaluate(c, str(tmp_path / 'w'))
+  message = str(err.value)
+  assert message.startswith(f'cannot read shard {shard}')
+  assert f'python -m launch.prepare_data --out={data}' in message
+  assert '\n' not in message and isinstance(err.value, user_errors())

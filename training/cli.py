@@ -54,13 +54,13 @@ def user_errors() -> tuple:
   """Exceptions that mean bad input (a missing file, a config that does not fit its data, a
   workdir of another model, a NaN stop...), whose messages say what to do."""
   from training.resolve import ConfigError
-  from input_pipeline.sources import EmptySplitError, LabelError
+  from input_pipeline.sources import EmptySplitError, LabelError, ShardReadError
   from training.checkpointing import (DamagedCheckpointError, DiskFullError,
                                       IncompatibleCheckpointError)
   from training.workdir import ClassListError, WorkdirInUseError
   return (FileNotFoundError, IncompatibleCheckpointError, DamagedCheckpointError,
           WorkdirInUseError, FloatingPointError, LabelError, EmptySplitError, ConfigError,
-          ClassListError, DiskFullError)
+          ClassListError, DiskFullError, ShardReadError)
 
 
 # The config file that loads a workdir's saved config, named by path (no library imports a config).
