@@ -450,8 +450,8 @@ class ShardedBatches(grain.DatasetIterator):
   (epoch e's permutation at visits e S .. (e + 1) S - 1, S shards). Process p of P has
   `streams` K independent streams; stream k reads visits p + P k, p + P (k + K), ... (so
   every shard of every epoch goes to exactly one stream of one process), interleaving
-  `cycle_length` of them at a time (`grain.experimental.InterleaveIterDataset`; each visit's
-  records in a seeded order of its own), shuffles the examples within windows of `window`
+  `cycle_length` of them at a time (`grain.experimental.InterleaveIterDataset`, reading up to
+  64 records ahead in each; each visit's records in a seeded order of its own), shuffles the examples within windows of `window`
   (`grain.experimental.WindowShuffleIterDataset`) and batches them; batch b of the process
   comes from stream b mod K. An example is augmented with an rng seeded by (seed, visit,
   record in shard). Grain's `mp_prefetch` worker w of W runs streams w, w + W, ... (W must
@@ -509,7 +509,7 @@ class ShardedBatches(grain.DatasetIterator):
     visits = visits.repeat(None).map_with_index(_Visit())[self._p + self._num_p * k::step]
     ds = grain.experimental.InterleaveIterDataset(
         visits.map(_ShardExamples(self._source, self._shuffle, self._seed)),
-        cycle_length=self._cycle)
+        cycle_length=self._cycle, iter_buffer_size=64)
     if self._shuffle and self._window > 1:
       ds = grain.experimental.WindowShuffleIterDataset(
           ds, window_size=self._window, seed=_seed(self._seed, self._p, k))

@@ -109,9 +109,17 @@ def test_a_process_opens_only_the_shards_it_reads_and_closes_them(data_dir, monk
   mine = {source.path(s) for s in (0, 2, 4, 6)}
   assert set(opened) == mine
   assert {i // PER_SHARD for i in _ids(out)} == {0, 2, 4, 6}
-  assert len(source.open_shards()) <= 2 * (2 + 1)     # streams x (cycle + the next visit)
   it.close()
   assert source.open_shards() == []
+  # One shard visit: open from its first read to its end, then closed.
+  visit = iter(pipeline._ShardExamples(source, True, 0).map((5, 3)))
+  assert source.open_shards() == []
+  got = [next(visit)['image'] for _ in range(PER_SHARD)]
+  assert source.open_shards() == [3]
+  with pytest.raises(StopIteration):
+    next(visit)
+  assert source.open_shards() == []
+  assert sorted(got) == sorted(source[i]['image'] for i in range(3 * PER_SHARD, 4 * PER_SHARD))
 
 
 def test_a_resume_continues_at_the_same_example(data_dir):
