@@ -15,10 +15,12 @@ from evaluation.from_checkpoint import evaluate_checkpoint
 from launch import prepare_data
 from launch.train import train_and_evaluate
 from input_pipeline.sources import EmptySplitError, RecordSource, ShardReadError
-from tests.helpers import load_config
+from tests.helpers import load_config, run_main
 from training.checkpointing import (Checkpointer, DamagedCheckpointError, DiskFullError,
                                     complete_steps)
-from training.cli import user_errors
+from training.cli import set_kwargs_overrides, take_kwargs_overrides, user_errors
+from training.experiment import Experiment
+from training.resolve import ConfigError, resolve
 from training.workdir import ClassListError
 
 
@@ -363,3 +365,49 @@ def test_a_damaged_shard_is_one_line_naming_the_file_and_how_to_prepare_it(shard
   assert message.startswith(f'cannot read shard {shard}')
   assert f'python -m launch.prepare_data --out={data}' in message
   assert '\n' not in message and isinstance(err.value, user_errors())
+
+
+# ----- case 8: small ones -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('shape, says', [
+    ((3, 1), r'mesh.shape \(3, 1\) needs 3 devices, have 8'),   # the issue's input
+    ((-1, -1), r'at most one -1 in mesh.shape'),                # the same kind
+])
+def test_a_mesh_the_devices_do_not_fill_is_a_config_error(shape, says):
+  c = load_config('quickstart.py', 'runlocal')
+  c.mesh.shape = shape
+  with pytest.raises(ConfigError, match=says + '.*set --config.mesh.shape') as err:
+    Experiment.build(c)
+  assert '\n' not in str(err.value) and isinstance(err.value, user_errors())
+
+
+def test_kwargs_overrides_add_keys_a_recipe_lacks_and_are_checked_against_the_backbone():
+  """`--config.model.backbone_kwargs.KEY=V` on the convnet, whose recipe sets no kwargs: the
+  key is added after parsing (the locked config rejected it with an AttributeError) and
+  resolve checks it against the backbone's fields."""
+  argv = ['main.py', '--config=configs/quickstart.py:runlocal', '--workdir=/w',
+          '--config.model.backbone_kwargs.features=16', '--config.train.num_steps=2',
+          '--config.model.head_kwargs.label_smoothing', '0.1']
+  kept, taken = take_kwargs_overrides(argv, ['config'])
+  assert kept == argv[:3] + ['--config.train.num_steps=2']
+  assert taken == [('config', 'model.backbone_kwargs', 'features', '16'),
+                   ('config', 'model.head_kwargs', 'label_smoothing', '0.1')]
+  c = load_config('quickstart.py', 'runlocal')
+  c.lock()                                           # as ml_collections' config flag is
+  set_kwargs_overrides(taken, {'config': c})
+  resolve(c, verbose=False)
+  assert c.model.backbone_kwargs.features == 16 and c.model.head_kwargs.label_smoothing == 0.1
+  assert Experiment.build(c).abstract_state.params['backbone']['fc']['kernel'].shape[-1] == 16
+  set_kwargs_overrides([('config', 'model.backbone_kwargs', 'width', '16')], {'config': c})
+  with pytest.raises(ConfigError, match=r"model.backbone_kwargs do not fit "
+                                        r"model.backbone='convnet' .*'width'; it takes dtype, "
+                                        r'features'):
+    resolve(c, verbose=False)
+
+
+def test_the_issue_s_kwargs_command_line_is_one_error_line(tmp_path):
+  proc = run_main('--config=configs/quickstart.py:runlocal', f'--workdir={tmp_path}',
+                  '--config.model.backbone_kwargs.width=16', check=False)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "error: model.backbone_kwargs do not fit model.backbone='convnet'")

@@ -17,8 +17,9 @@ dropped at any verbosity (`ExpectedOrbaxWarnings`). Tools on argparse (`launch.p
 import contextlib
 import logging as logging_std
 import os
+import re
 import sys
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import app, flags, logging
 
@@ -104,20 +105,72 @@ def one_line_errors(also: tuple = ()):
     sys.exit(f'error: {e}')
 
 
+def take_kwargs_overrides(argv: Sequence[str], config_flags: Sequence[str]
+                          ) -> tuple[list[str], list[tuple[str, str, str, str]]]:
+  """(`argv` without its overrides of a `*_kwargs` dict entry, those overrides as (flag, path
+  of the dict, key, value)): `--config.model.backbone_kwargs.width=16` and
+  `--config.model.backbone_kwargs.width 16`. A locked config rejects a key its dict lacks
+  (ml_collections: an AttributeError traceback), yet a recipe's kwargs hold only what it
+  changes (the convnet's none), so these are applied after parsing (`set_kwargs_overrides`)
+  and checked against the module by `training.resolve` (ConfigError naming the field)."""
+  pattern = re.compile(r'--(%s)\.((?:\w+\.)*\w+_kwargs)\.(\w+)(?:=(.*))?$'
+                       % '|'.join(map(re.escape, config_flags)))
+  kept, taken, args = [], [], list(argv)
+  while args:
+    arg = args.pop(0)
+    m = pattern.match(arg)
+    if not m:
+      kept.append(arg)
+      continue
+    value = m.group(4)
+    if value is None:
+      if not args:
+        raise SystemExit(f'error: {arg} needs a value')
+      value = args.pop(0)
+    taken.append((m.group(1), m.group(2), m.group(3), value))
+  return kept, taken
+
+
+def set_kwargs_overrides(overrides: Sequence[tuple[str, str, str, str]],
+                         configs: Mapping[str, Any]) -> None:
+  """Sets each (flag, path, key, value) of `take_kwargs_overrides` in `configs[flag]` (the
+  parsed, locked config): the value as a Python literal (else the string); ConfigError when
+  the field's type differs."""
+  import ast
+  from training.resolve import ConfigError
+  for flag, path, key, text in overrides:
+    holder = configs[flag]
+    for part in path.split('.'):
+      holder = holder[part]
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    try:
+      with holder.unlocked():
+        holder[key] = value
+    except TypeError as e:
+      raise ConfigError(f'--{flag}.{path}.{key}={text}: {e}') from None
+
+
 def run(main: Callable, configs: Mapping[str, str] = {'config': 'workdir'},  # pylint: disable=dangerous-default-value
         user_errors_too: tuple = ()) -> None:
   """`app.run(main)`, quiet (module docstring); each config flag in `configs` not given on the
   command line defaults to the config saved in the workdir its value names
-  (`default_to_workdir`); `user_errors_too`: more exception types that are a user's mistake
+  (`default_to_workdir`); `*_kwargs` entries may be set whether or not the recipe has them
+  (`take_kwargs_overrides`); `user_errors_too`: more exception types that are a user's mistake
   in this tool (one line, like `user_errors()`)."""
   argv = sys.argv
   for flag, workdir_flag in configs.items():
     argv = default_to_workdir(argv, flag, workdir_flag)
+  argv, kwargs_overrides = take_kwargs_overrides(argv, list(configs))
+  sys.argv = argv   # ml_collections reads the overrides from sys.argv itself
 
   def wrapped(args):
     if not flags.FLAGS['verbosity'].present:   # app.run has just set INFO: quiet instead
       logging.set_verbosity(logging.WARNING)
     quiet_expected_warnings()
     with one_line_errors(user_errors_too):
+      set_kwargs_overrides(kwargs_overrides, {f: flags.FLAGS[f].value for f in configs})
       return main(args)
   app.run(wrapped, argv=argv)

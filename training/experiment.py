@@ -47,20 +47,24 @@ class Experiment:
     and the final fields, checked against the data); with `with_data=False` (ahead-of-time
     compilation, a model built without its data) it opens no dataset when the config alone
     fixes the image shape. Raises ConfigError when the image shape is still unknown (images
-    of several or non-square sizes, no `input.image_size`), ValueError when a batch size does
-    not divide over the data axis.
+    of several or non-square sizes, no `input.image_size`), when the mesh does not fit the
+    devices or a batch size does not divide over them.
     """
     resolve(config, with_data=with_data or config_image_shape(config) is None)
     image_shape = config_image_shape(config) or (with_data and first_eval_image_shape(config))
     if not image_shape:
       raise ConfigError('the image shape is unknown (stored images of several or non-square '
                         'sizes): set --config.input.image_size=N to resize them to N x N')
-    mesh = build_mesh(config.mesh.axes, config.mesh.shape, devices, config.mesh.dcn_shape)
+    try:
+      mesh = build_mesh(config.mesh.axes, config.mesh.shape, devices, config.mesh.dcn_shape)
+    except ValueError as e:   # a mesh the devices do not fill: the config's, one line
+      raise ConfigError(f'{e}: set --config.mesh.shape (and mesh.axes) to fit the devices; '
+                        'one entry of mesh.shape may be -1, all remaining devices') from None
     multiple = batch_size_multiple(mesh)
     for name, size in (('input.batch_size', config.input.batch_size),
                        ('input.eval_batch_size', config.input.eval_batch_size)):
       if size % multiple:
-        raise ValueError(f'{name}={size} is not divisible by the {multiple} devices of mesh '
+        raise ConfigError(f'{name}={size} is not divisible by the {multiple} devices of mesh '
                          f'{dict(mesh.shape)} (the batch splits over all of them): use a '
                          f'multiple of {multiple}')
     model = build_model(config, class_multiple=class_multiple(config, mesh),

@@ -257,7 +257,9 @@ def _modules(config: ConfigDict, notes: list) -> None:
   try:
     build_backbone(m.backbone, **m.backbone_kwargs.to_dict())
   except TypeError as e:
-    raise _foreign_kwargs('backbone', m.backbone, str(e)) from None
+    takes = sorted(f.name for f in dataclasses.fields(build_backbone(m.backbone))
+                   if f.name not in ('parent', 'name'))
+    raise _foreign_kwargs('backbone', m.backbone, f'{e}; it takes {", ".join(takes)}') from None
   cls = head_class(m.head)
   if dataclasses.is_dataclass(cls) and not hasattr(cls, 'from_dataset'):
     unknown = sorted(set(resolved) - {f.name for f in dataclasses.fields(cls)})
