@@ -59,12 +59,15 @@ def describe_schedule(c: ml_collections.ConfigDict, num_steps: int) -> str:
   at step 12 (after 11 warmup steps), cosine to 2.2e-07 at the last step 117'. Raises
   ValueError for an unknown schedule."""
   schedule = build_schedule(c, num_steps)
-  at = lambda step: f'{float(schedule(step - 1)):.3g} at '   # pylint: disable=unnecessary-lambda-assignment
+
+  def rate(step: int) -> str:
+    return f'{float(schedule(step - 1)):.3g}'
+
   warmup = min(c.warmup_steps, max(num_steps - 1, 0))
-  peak = (f', {at(warmup + 1)}step {warmup + 1} (after {warmup} warmup steps)'
+  peak = (f', {rate(warmup + 1)} at step {warmup + 1} (after {warmup} warmup steps)'
           if warmup else '')
-  return (f'learning rate {at(1)}step 1{peak}, {c.schedule} to {at(num_steps)}the last step '
-          f'{num_steps}')
+  return (f'learning rate {rate(1)} at step 1{peak}, {c.schedule} to {rate(num_steps)} at the '
+          f'last step {num_steps}')
 
 
 def param_path(keypath: Sequence[Any]) -> str:
