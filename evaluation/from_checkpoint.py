@@ -5,7 +5,7 @@ import ml_collections
 
 from evaluation.evaluator import evaluate, make_eval_step
 from evaluation.report import write_eval_report
-from training.checkpointing import restore_variables
+from training.checkpointing import disk_full_is_one_line, restore_variables
 from training.experiment import Experiment
 
 
@@ -30,4 +30,5 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   eval_step = make_eval_step(exp.model, exp.mesh, exp.shardings, config.eval)
   metrics, bins = evaluate(eval_step, variables['params'], variables['batch_stats'],
                            exp.eval_dataset())
-  return write_eval_report(workdir, step, metrics, bins)
+  with disk_full_is_one_line(workdir):   # eval_results.json, the reliability diagram
+    return write_eval_report(workdir, step, metrics, bins)

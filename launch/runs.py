@@ -18,7 +18,7 @@ import ml_collections
 from evaluation.from_checkpoint import evaluate_checkpoint
 from evaluation.report import side_by_side
 from launch.train import train_and_evaluate
-from training.workdir import save_config
+from training.workdir import CONFIG_FILE, save_config
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -29,8 +29,11 @@ def train(config: ConfigDict, workdir: str) -> dict:
   if 'runs' not in config:
     return train_and_evaluate(config, workdir)
   os.makedirs(workdir, exist_ok=True)
-  save_config(workdir, config)
-  return _each(config, workdir, train_and_evaluate)
+  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    save_config(workdir, config)   # a new workdir: nothing to keep
+  results = _each(config, workdir, train_and_evaluate)
+  save_config(workdir, config)     # once the runs passed their checks: a refused one changes none
+  return results
 
 
 def evaluate(config: ConfigDict, workdir: str, step: Optional[int] = None) -> dict:

@@ -3,6 +3,7 @@ import json
 import os
 import socket
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -78,6 +79,24 @@ def test_a_rejected_command_writes_nothing_into_the_workdir(tmp_path):
       train_and_evaluate(rejected, work)
     assert _files(work) == before
   assert evaluate_checkpoint(load_workdir_config(work), work)['accuracy'] == trained['accuracy']
+
+
+def test_a_rejected_comparison_keeps_its_saved_config(tmp_path):
+  """The same kind for a config of several runs (`launch.runs`): its top-level config.json is
+  written only once the runs passed their checks."""
+  from launch import runs
+
+  def compare(features=None):
+    c = ml_collections.ConfigDict({'runs': {'a': _config(steps=1), 'b': _config(steps=1)}})
+    if features:
+      c.runs.a.model.backbone_kwargs.features = features
+    return c
+
+  runs.train(compare(), str(tmp_path))
+  before = _files(str(tmp_path))
+  with pytest.raises(IncompatibleCheckpointError, match='different model'):
+    runs.train(compare(features=64), str(tmp_path))
+  assert _files(str(tmp_path)) == before
 
 
 def test_workdir_in_use_by_a_live_process(tmp_path):

@@ -312,6 +312,19 @@ def test_a_disk_full_at_start_is_one_line(tmp_path, monkeypatch):
     train_and_evaluate(_quickstart(2), str(tmp_path))
 
 
+def test_a_disk_full_writing_the_eval_report_is_one_line(two_steps, monkeypatch):
+  """The same kind in --mode=eval: the report (eval_results.json) does not fit."""
+  import errno
+  from evaluation import from_checkpoint
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(from_checkpoint, 'write_eval_report', full)
+  with pytest.raises(DiskFullError, match='the last complete checkpoint, step 4, is intact'):
+    evaluate_checkpoint(_quickstart(4), two_steps[0])
+
+
 def test_a_real_full_filesystem(tmp_path):
   """The same on a 3 MiB tmpfs (root only, else skipped): step 1 fits, step 2 does not."""
   import subprocess
