@@ -636,6 +636,7 @@ class ClassSubset:
     labels = np.array([source[i]['label'] for i in range(len(source))])
     self._source, self._relabel = source, relabel
     self._indices = np.flatnonzero(np.isin(labels, list(relabel)))
+    self.absent = [int(c) for c in classes if not np.any(labels == int(c))]   # no examples
 
   def __len__(self) -> int:
     return len(self._indices)
@@ -776,6 +777,12 @@ def build_source(ds: ml_collections.ConfigDict, split: str, seed: int,
     names = tuple(names[c] for c in ds.classes) if names else ()
   if not len(source):
     raise _empty_split(ds, split, where, names)
+  if ds.classes and source.absent:
+    from absl import logging
+    logging.warning('%s has no examples of %d of the classes in dataset.classes: %s; the model '
+                    'cannot learn (or be scored on) them', where, len(source.absent),
+                    ', '.join(f'{c} ({names[list(ds.classes).index(c)]!r})' if names else str(c)
+                              for c in source.absent[:8]))
   if names and len(names) != ds.num_classes:
     raise ValueError(f'dataset has {len(names)} classes but config.dataset.num_classes = '
                      f'{ds.num_classes}')

@@ -82,6 +82,16 @@ def test_a_class_selection_without_examples_stops_at_start_naming_the_split(abc_
   assert os.listdir(tmp_path) == []                  # stopped before writing anything
 
 
+def test_a_class_selection_with_a_class_without_examples_is_warned_about(abc_data, caplog):
+  from input_pipeline.sources import build_source
+  c = _config(abc_data, **{'dataset.classes': (0, 2)})
+  resolve(c, verbose=False)
+  with caplog.at_level(logging.WARNING):
+    source, _ = build_source(c.dataset, 'train', 0, train=True)
+  assert len(source) == 4                            # the 4 training images of 'a'
+  assert "has no examples of 1 of the classes in dataset.classes: 2 ('c')" in caplog.text
+
+
 def test_a_split_of_skipped_records_stops_at_start(tmp_path):
   """The same kind without a class subset: every test image is unreadable, so prepare_data
   skips them all and writes an empty split."""
