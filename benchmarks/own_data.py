@@ -16,7 +16,8 @@ flag beyond the data directory, the head and the run length:
   python -m launch.main --mode=eval --workdir=W/det           (must repeat det's final eval)
 
 RUN is `runlocal` (a tiny ResNet-18 for 4 steps: checks the path, accuracy at chance) or
-`epochs=N`. Prints a markdown table (head, steps, prec@1, NLL, seconds) and checks that every
+`epochs=N`. Prints a markdown table (head, steps, accuracy - for LLC phase 2 its exact (ED) and
+min-Hamming (MHD) decodings beside its code logits' - NLL, seconds) and checks that every
 command succeeded, that classes, channels and sizes came from the data (config.json: 200
 classes, 1 channel, LLC bits 16 = ceil(2 log2 200)) and that --mode=eval reproduced the
 training run's final numbers.
@@ -105,13 +106,23 @@ def check(work: str, rows: list[dict], classes: int) -> None:
     assert abs(by['eval det'][key] - by['train det'][key]) < 1e-5, (key, by['eval det'])
 
 
+def accuracy_cell(row: dict) -> str:
+  """A row's accuracy, named: the evaluator's top-1 (for an LLC phase-2 run the argmax of its
+  code logits), phase 1's class-code accuracy, or phase 2's decodings (exact ED, min-Hamming)."""
+  if 'ed_strict_accuracy' in row:
+    return (f"ED {row['ed_strict_accuracy']:.3f} / MHD {row['mhd_accuracy']:.3f} "
+            f"(logits {row['logit_accuracy']:.3f})")
+  if 'class_code_accuracy' in row:
+    return f"class codes {row['class_code_accuracy']:.3f}"
+  return f"{row['accuracy']:.3f}" if 'accuracy' in row else ''
+
+
 def table(rows: list[dict]) -> str:
-  lines = ['| command | step | prec@1 | NLL | seconds |', '|---|---|---|---|---|']
+  lines = ['| command | step | accuracy | NLL | seconds |', '|---|---|---|---|---|']
   for r in rows:
-    acc = r.get('accuracy', r.get('class_code_accuracy', r.get('mhd_accuracy')))
-    acc = '' if acc is None else f'{acc:.3f}'
     nll = f'{r["nll"]:.3f}' if 'nll' in r else ''
-    lines.append(f'| {r["command"]} | {r.get("step", "")} | {acc} | {nll} | {r["seconds"]:.1f} |')
+    lines.append(f'| {r["command"]} | {r.get("step", "")} | {accuracy_cell(r)} | {nll} | '
+                 f'{r["seconds"]:.1f} |')
   return '\n'.join(lines)
 
 

@@ -44,3 +44,4 @@ def test_compare_heads_compare_is_one_run_per_head_and_cpu_is_a_smaller_recipe()
   assert load_config('compare_heads.py', 'cpu,width=0.5').model.backbone_kwargs.width == 0.5
   with pytest.raises(ValueError, match='compare trains every head'):
     load_config('compare_heads.py', 'compare,head=det')
+

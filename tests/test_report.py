@@ -1,5 +1,6 @@
-"""The eval report and the side-by-side table (evaluation/report.py): the reliability
-diagram names its run; the table states the uniform guess and flags near-chance runs."""
+"""The eval report and the run tables (evaluation/report.py, benchmarks/own_data.py): the
+reliability diagram names its run; the side-by-side table states the uniform guess and flags
+near-chance runs; the own-data table names LLC's decodings."""
 import math
 
 import numpy as np
@@ -40,3 +41,19 @@ def test_reliability_diagram_title_names_the_run(tmp_path, monkeypatch):
   report.write_eval_report(str(tmp_path / 'mine' / 'hetxl') + '/', 7,
                            {'accuracy': 0.5, 'nll': 1.0, 'ece': 0.25}, {})
   assert titles == ['hetxl, step 7: accuracy 0.5000, ECE 0.2500']
+
+
+def test_own_data_benchmark_table_names_llc_decodings():
+  """Issue 28 point 4: the own-data run table showed LLC phase 2's logit accuracy as its
+  accuracy; it now names phase 2's exact and min-Hamming decodings and phase 1's class-code
+  accuracy."""
+  from tests.helpers import load_benchmark
+  own_data = load_benchmark('own_data')
+  rows = [{'command': 'train det', 'step': 4, 'accuracy': 0.5, 'nll': 1.25, 'seconds': 3.0},
+          {'command': 'llc.evaluate phase 1', 'class_code_accuracy': 0.25, 'seconds': 1.0},
+          {'command': 'llc.evaluate phase 2', 'ed_strict_accuracy': 0.125, 'mhd_accuracy': 0.375,
+           'logit_accuracy': 0.5, 'seconds': 2.0}]
+  assert own_data.table(rows).splitlines()[2:] == [
+      '| train det | 4 | 0.500 | 1.250 | 3.0 |',
+      '| llc.evaluate phase 1 |  | class codes 0.250 |  | 1.0 |',
+      '| llc.evaluate phase 2 |  | ED 0.125 / MHD 0.375 (logits 0.500) |  | 2.0 |']
