@@ -188,7 +188,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
     logging.info('resumed from step %d', start)
     print(f'Resumed from checkpoint at step {start}.', flush=True)
 
-  # ----- Record: the config, the parameter shapes, the label noise; metrics from here on.
+  # ----- Record: the config, the class list, the parameter shapes, the label noise; metrics.
   save_config(workdir, config)
   save_classes(workdir, exp.info.class_names)
   check_signature(workdir, exp.abstract_state.params, layout=exp.class_layout)
