@@ -492,6 +492,7 @@ class ShardedBatches(grain.DatasetIterator):
     self._set_streams(streams or max(1, num_workers))
     self._next, self._states = 0, [None] * self._k
     self._inner = None
+    self._records.close()   # shards earlier reads opened (the label probe of `build_source`)
 
   def _set_streams(self, k: int) -> None:
     self._k = k
