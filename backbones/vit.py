@@ -83,6 +83,9 @@ class ViT(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   scan: bool = False
+  # Rematerialise each encoder block in the backward pass (`nn.remat`, big_vision's
+  # `remat_policy`): activations of one block instead of `depth` are kept, for ViT-g / G
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -99,15 +102,18 @@ class ViT(nn.Module):
     pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
     x = nn.Dropout(self.dropout, deterministic=not train)(x + pos.astype(x.dtype))
     if self.scan:
-      blocks = nn.scan(_ScannedBlock, variable_axes={'params': 0},
+      block = nn.remat(_ScannedBlock, static_argnums=(2,)) if self.remat else _ScannedBlock
+      blocks = nn.scan(block, variable_axes={'params': 0},
                        split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
                        length=self.depth)
       x, _ = blocks(self.num_heads, self.mlp_dim, self.dropout, self.dtype, name='blocks')(
           x, train)
     else:
+      # the same parameters as EncoderBlock; `train` positional, static under remat
+      block = nn.remat(_ScannedBlock, static_argnums=(2,)) if self.remat else _ScannedBlock
       for i in range(self.depth):
-        x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                         name=f'block{i}')(x, train=train)
+        x, _ = block(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                     name=f'block{i}')(x, train)
     x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x)
     x = x[:, 0] if self.pool == 'token' else jnp.mean(x, axis=1)
     return x.astype(jnp.float32)

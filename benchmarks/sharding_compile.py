@@ -25,6 +25,9 @@ QUAD = ('--config.model.head_kwargs.mc_method=quadrature',)
 FSDP = ("--config.sharding.rules=(('.*', 'fsdp'),)",)
 
 
+VITG_REMAT = ('--config.model.backbone=vit_g14', '--config.model.backbone_kwargs.remat=True')
+
+
 def mesh(model: int, axes: str = '') -> tuple:
   return (f'--config.mesh.shape=(-1,{model})',) + ((f'--config.mesh.axes={axes}',) if axes else ())
 
@@ -53,6 +56,11 @@ ROWS = {
     # ViT-g/14 (1.0 B parameters) + HET-XL at JFT size: replicated against FSDP
     'vitg14_quad_dp_v5e': (JFT, 'v5e:16x16', QUAD + ('--config.model.backbone=vit_g14',)),
     'vitg14_quad_fsdp_v5e': (JFT, 'v5e:16x16', QUAD + ('--config.model.backbone=vit_g14',) + FSDP),
+    # ... with each encoder block rematerialised (big_vision trains ViT-g / G so)
+    'vitg14_quad_dp_remat_v5e': (JFT, 'v5e:16x16', QUAD + VITG_REMAT),
+    'vitg14_quad_fsdp_remat_v5e': (JFT, 'v5e:16x16', QUAD + VITG_REMAT + FSDP),
+    'vitG14_quad_fsdp_remat_v5e': (JFT, 'v5e:16x16', QUAD + FSDP + (
+        '--config.model.backbone=vit_G14', '--config.model.backbone_kwargs.remat=True')),
     # two v5e-256 slices over DCN: HSDP (replicated across slices, FSDP within)
     'jft_quad_2slice_hsdp_v5e': (JFT, 'v5e:16x16', QUAD + FSDP + ('--num_slices=2',
         "--config.mesh.axes=('replica','data','model')", '--config.mesh.shape=(1,-1,1)',

@@ -214,6 +214,10 @@ def vit_pretraining(c: ConfigDict, *, backbone: str, num_classes: int, setup_hin
   c.input.num_workers = 16
   c.model.backbone = backbone
   c.model.backbone_kwargs.scan = True  # XLA compiles one encoder block, not one per layer
+  # FSDP over every device for each parameter of 4 MiB or more (training/sharding.py): the
+  # state per device shrinks with the pod; head classes also split over 'model' when
+  # mesh.shape gives it devices (e.g. '(-1,16)' for K ~ 10^6)
+  c.sharding.rules = (('.*', 'fsdp(min_size_mb=4)'),)
   c.model.dtype = 'bfloat16'
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = learning_rate

@@ -1,4 +1,5 @@
 """Backbone + head = the classifier every experiment trains."""
+import math
 from typing import Optional, Sequence
 
 import jax
@@ -38,9 +39,17 @@ class Classifier(nn.Module):
     if self.head.text_input is not None:
       extra['text'] = text
     x = self.features(images, train=train)
-    if self.feature_sharding is not None:
+    if self.feature_sharding is not None and x.shape[0] % _split(self.feature_sharding) == 0:
       x = jax.lax.with_sharding_constraint(x, self.feature_sharding)
     return self.head(x, labels, train=train, **extra)
+
+
+def _split(sharding: jax.sharding.NamedSharding) -> int:
+  """Into how many parts `sharding` splits the leading dimension (a batch that does not
+  divide, e.g. a few images applied outside the train step, is left as it comes)."""
+  entry = sharding.spec[0] if len(sharding.spec) else None
+  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  return math.prod(sharding.mesh.shape[n] for n in names)
 
 
 def build_model(config: ml_collections.ConfigDict, *, class_multiple: int = 1,
