@@ -33,8 +33,8 @@ def side_by_side(results: Mapping[str, Mapping],
   `write_eval_report` returns and writes it): the run's name, step, number of examples and
   its `keys` to 4 decimals ('-' where a record lacks one). With `num_classes` K (single-label
   runs), a last row is the trivial baseline, the uniform prediction 1/K (accuracy 1/K in
-  expectation, NLL log K, ECE 0), and a note follows for each run whose accuracy is below 2/K
-  (near chance: a small ECE alone is then no sign of a useful model)."""
+  expectation, NLL log K, ECE 0), and a note names the runs whose accuracy is below 2/K (near
+  chance: a small ECE alone is then no sign of a useful model)."""
   cell = lambda record, key: f'{record[key]:.4f}' if key in record else '-'
   rows = [['run', 'step', 'examples', *keys]]
   rows += [[name, str(r.get('step', '-')), str(r.get('num_examples', '-')),
@@ -45,9 +45,10 @@ def side_by_side(results: Mapping[str, Mapping],
     rows.append([f'chance (uniform 1/{num_classes})', '-', '-', *(cell(chance, k) for k in keys)])
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   line = lambda row: '| ' + ' | '.join(v.ljust(w) for v, w in zip(row, widths)) + ' |'
-  notes = [f'note: {name} is near chance (accuracy {r["accuracy"]:.4f} < 2/{num_classes}): '
-           'compare its NLL and ECE with the uniform guess\'s; that ECE is 0, so a small ECE '
-           'alone is no sign of a useful model'
-           for name, r in results.items() if single_label and r['accuracy'] < 2 / num_classes]
+  near = [name for name, r in results.items()
+          if single_label and r['accuracy'] < 2 / num_classes]
+  notes = [f'note: near chance (accuracy < 2/{num_classes}): {", ".join(near)}; compare their '
+           'NLL and ECE with the uniform guess\'s, whose ECE is 0: a small ECE alone is no sign '
+           'of a useful model'] if near else []
   return '\n'.join([line(rows[0]), '|' + '|'.join('-' * (w + 2) for w in widths) + '|',
                     *map(line, rows[1:]), *notes])

@@ -27,8 +27,8 @@ def test_side_by_side_states_the_uniform_guess_and_flags_a_near_chance_run():
   lines = report.side_by_side(results, num_classes=k).splitlines()
   chance = [c.strip() for c in lines[4].split('|')[1:-1]]
   assert chance == ['chance (uniform 1/10)', '-', '-', '0.1000', f'{math.log(k):.4f}', '0.0000']
-  assert lines[5].startswith('note: hetxl is near chance (accuracy 0.1200 < 2/10): compare '
-                             'its NLL and ECE with the uniform guess')
+  assert lines[5].startswith('note: near chance (accuracy < 2/10): hetxl; compare their NLL '
+                             'and ECE with the uniform guess')
   assert len(lines) == 6   # det is not flagged
   assert len(report.side_by_side(results).splitlines()) == 4   # K unknown: no baseline
 
