@@ -451,20 +451,19 @@ class ShardedBatches(grain.DatasetIterator):
   `streams` K independent streams; stream k reads visits p + P k, p + P (k + K), ... (so
   every shard of every epoch goes to exactly one stream of one process), interleaving
   `cycle_length` of them at a time (`grain.experimental.InterleaveIterDataset`, reading up to
-  64 records ahead in each; each visit's records in a seeded order of its own), shuffles the examples within windows of `window`
-  (`grain.experimental.WindowShuffleIterDataset`) and batches them; batch b of the process
-  comes from stream b mod K. An example is augmented with an rng seeded by (seed, visit,
-  record in shard). Grain's `mp_prefetch` worker w of W runs streams w, w + W, ... (W must
-  divide K; a larger W uses the largest divisor of K, said in the log), so the batches are
-  the same for any worker count that divides K. A stream opens a shard at its visit's first
+  64 records ahead in each; each visit's records in a seeded order of its own), shuffles the
+  examples within windows of `window` (`grain.experimental.WindowShuffleIterDataset`) and
+  batches them; batch b of the process comes from stream b mod K. An example is augmented
+  with an rng seeded by (seed, visit, record in shard). Grain's `mp_prefetch` worker w of W
+  runs streams w, w + W, ...; a W that does not divide K runs on the largest divisor of K
+  below it (said in the log), so the batches are the same for any worker count. A stream opens a shard at its visit's first
   read and closes it at the visit's end: a process holds about K (cycle_length + 1) shards
   open, never one it does not read. Memory and start-up: O(shards) + the open shards +
   K windows of raw records, whatever the record count.
 
   State (checkpointed with the model): {'sharded_next_batch': batches consumed, 'streams':
   [each stream's grain iterator state after its last consumed batch]}; a resume continues at
-  the same example of every stream, exactly, for any batch size and any worker count W that
-  divides K (or is larger). `streams` 0 means max(1, num_workers) for a new run and the saved
+  the same example of every stream, exactly, for any batch size and worker count. `streams` 0 means max(1, num_workers) for a new run and the saved
   K for a resume; a resume whose config sets another K raises ValueError saying which K to
   set. A resume with another process count stops in `training.checkpointing` (no data
   position for the new processes).
