@@ -89,13 +89,17 @@ def test_the_writer_sizes_shards_by_record_count_and_the_source_reads_counts_fro
 
 def test_every_example_of_each_epoch_once_across_2_processes_x_2_streams(data_dir):
   per_epoch = N // (2 * BATCH)                        # batches per process per epoch
-  seen = {0: [], 1: []}
+  seen, shards = {0: [], 1: []}, []
   for p in (0, 1):
     out, _ = _run(_source(data_dir), 2 * per_epoch, p=p, num_p=2)
     seen[0] += _ids(out[:per_epoch])
     seen[1] += _ids(out[per_epoch:])
+    shards.append([{i // PER_SHARD for i in _ids(out[e * per_epoch:(e + 1) * per_epoch])}
+                   for e in (0, 1)])
   assert sorted(seen[0]) == list(range(N)) and sorted(seen[1]) == list(range(N))
   assert seen[0] != seen[1]                           # reshuffled per epoch
+  assert all(len(s) == 4 for s in shards[0] + shards[1])   # whole shards per process
+  assert shards[0][0] != shards[0][1]                 # assigned anew each epoch
 
 
 def test_a_process_opens_only_the_shards_it_reads_and_closes_them(data_dir, monkeypatch):
