@@ -222,8 +222,8 @@ def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
   'text' [B, *text_input.shape] (each example's own text as its head reads it) when
   `text_input` is given (`preprocess`).
 
-  `reader` ('auto' | 'global' | 'sharded', config `input.reader`) picks how (`choose_reader`,
-  which logs its reason); `sharded_above`, `streams`, `cycle_length` and `window` are the
+  `reader` ('auto' | 'global' | 'sharded', config `input.reader`) picks how (`choose_reader`;
+  process 0 prints which and why); `sharded_above`, `streams`, `cycle_length` and `window` are the
   config's `input.sharded_above`, `input.shard_streams`, `input.shards_interleaved` and
   `input.shuffle_window` (`ShardedBatches`). `process_index` / `process_count` default to
   jax's. With the global reader this process's stream is example i of the seeded, per-epoch
@@ -233,7 +233,8 @@ def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
   """
   index, count = _processes(process_index, process_count)
   kind, why = choose_reader(source, reader, sharded_above)
-  logging.info('training input: %s reader (%s)', kind, why)
+  if index == 0:
+    print(f'training input: the {kind} reader ({why})', flush=True)
   preprocess_args = dict(augment=augment, image_size=image_size, channels=channels,
                          text_input=text_input)
   if kind == 'sharded':
