@@ -21,8 +21,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JFT = 'configs/hetxl_jft.py'
-QUAD = ('--config.model.head_kwargs.mc_method=quadrature',)
 FSDP = ("--config.sharding.rules=(('.*', 'fsdp'),)",)
+REPL = ("--config.sharding.rules=(('.*', 'replicate'),)",)   # the recipe's FSDP off
+QUAD = ('--config.model.head_kwargs.mc_method=quadrature',)
 
 
 VITG_REMAT = ('--config.model.backbone=vit_g14', '--config.model.backbone_kwargs.remat=True')
@@ -40,29 +41,41 @@ def classes(k: int) -> tuple:
 # batch 4096, AdamW); only what a row is about changes.
 ROWS = {
     # K = 29,593 (odd): data-parallel against the head class-sharded over 'model'
-    'jft_quad_dp_v5e': (JFT, 'v5e:16x16', QUAD),
-    'jft_quad_m4_v5e': (JFT, 'v5e:16x16', QUAD + mesh(4)),
-    'jft_quad_m8_v5e': (JFT, 'v5e:16x16', QUAD + mesh(8)),
-    'jft_quad_m16_v5e': (JFT, 'v5e:16x16', QUAD + mesh(16)),
-    'jft_det_dp_v5e': (JFT + ':det', 'v5e:16x16', ()),
-    'jft_det_m16_v5e': (JFT + ':det', 'v5e:16x16', mesh(16)),
+    'jft_quad_dp_v5e': (JFT, 'v5e:16x16', QUAD + REPL),
+    'jft_quad_m4_v5e': (JFT, 'v5e:16x16', QUAD + REPL + mesh(4)),
+    'jft_quad_m8_v5e': (JFT, 'v5e:16x16', QUAD + REPL + mesh(8)),
+    'jft_quad_m16_v5e': (JFT, 'v5e:16x16', QUAD + REPL + mesh(16)),
+    'jft_det_dp_v5e': (JFT + ':det', 'v5e:16x16', REPL),
+    'jft_det_m16_v5e': (JFT + ':det', 'v5e:16x16', REPL + mesh(16)),
+    # ... with FSDP (the recipe's default)
+    'jft_quad_fsdp_v5e': (JFT, 'v5e:16x16', QUAD + FSDP),
+    'jft_quad_m16_fsdp_v5e': (JFT, 'v5e:16x16', QUAD + FSDP + mesh(16)),
     # a million classes, HET-XL quadrature, sigmoid
     'k2p20_quad_m16_fsdp_v5e': (JFT, 'v5e:16x16', QUAD + classes(2**20) + mesh(16) + FSDP),
     'k1000003_quad_m16_fsdp_v5e': (JFT, 'v5e:16x16', QUAD + classes(1_000_003) + mesh(16) + FSDP),
-    'k2p20_quad_dp_v5e': (JFT, 'v5e:16x16', QUAD + classes(2**20)),
+    'k2p20_quad_m16_v5e': (JFT, 'v5e:16x16', QUAD + classes(2**20) + mesh(16) + REPL),
+    'k2p20_quad_dp_v5e': (JFT, 'v5e:16x16', QUAD + classes(2**20) + REPL),
+    'k2p20_det_dp_v5e': (JFT + ':det', 'v5e:16x16', classes(2**20) + REPL),
     'k2p20_det_m16_fsdp_v5e': (JFT + ':det', 'v5e:16x16', classes(2**20) + mesh(16) + FSDP),
     'k2p20_quad_m8_fsdp_v4': (JFT, 'v4:4x4x4', QUAD + classes(2**20) + mesh(8) + FSDP),
     'k1000003_quad_m8_fsdp_v4': (JFT, 'v4:4x4x4', QUAD + classes(1_000_003) + mesh(8) + FSDP),
     # ViT-g/14 (1.0 B parameters) + HET-XL at JFT size: replicated against FSDP
-    'vitg14_quad_dp_v5e': (JFT, 'v5e:16x16', QUAD + ('--config.model.backbone=vit_g14',)),
+    'vitg14_quad_dp_v5e': (JFT, 'v5e:16x16', QUAD + REPL + ('--config.model.backbone=vit_g14',)),
     'vitg14_quad_fsdp_v5e': (JFT, 'v5e:16x16', QUAD + ('--config.model.backbone=vit_g14',) + FSDP),
     # ... with each encoder block rematerialised (big_vision trains ViT-g / G so)
-    'vitg14_quad_dp_remat_v5e': (JFT, 'v5e:16x16', QUAD + VITG_REMAT),
+    'vitg14_quad_dp_remat_v5e': (JFT, 'v5e:16x16', QUAD + VITG_REMAT + REPL),
     'vitg14_quad_fsdp_remat_v5e': (JFT, 'v5e:16x16', QUAD + VITG_REMAT + FSDP),
     'vitG14_quad_fsdp_remat_v5e': (JFT, 'v5e:16x16', QUAD + FSDP + (
         '--config.model.backbone=vit_G14', '--config.model.backbone_kwargs.remat=True')),
+    # the eval step (one batch of 4096 into the on-device metrics, mAP summaries included)
+    'eval_jft_quad_dp_v5e': (JFT, 'v5e:16x16', QUAD + REPL + ('--step=eval',)),
+    'eval_k2p20_quad_m16_v5e': (JFT, 'v5e:16x16', QUAD + FSDP + classes(2**20) + mesh(16)
+                                + ('--step=eval',)),
     # two v5e-256 slices over DCN: HSDP (replicated across slices, FSDP within)
     'jft_quad_2slice_hsdp_v5e': (JFT, 'v5e:16x16', QUAD + FSDP + ('--num_slices=2',
+        "--config.mesh.axes=('replica','data','model')", '--config.mesh.shape=(1,-1,1)',
+        '--config.mesh.dcn_shape=(2,1,1)')),
+    'jft_quad_2slice_dp_v5e': (JFT, 'v5e:16x16', QUAD + REPL + ('--num_slices=2',
         "--config.mesh.axes=('replica','data','model')", '--config.mesh.shape=(1,-1,1)',
         '--config.mesh.dcn_shape=(2,1,1)')),
 }

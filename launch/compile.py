@@ -108,6 +108,21 @@ def topology_devices(topology: str, num_slices: int = 1) -> tuple[list, Dict[str
   return list(devices), per_device
 
 
+def lower_eval_step(config, topology: str, num_slices: int = 1):
+  """(experiment, per-device chip figures, lowered step): the eval step `launch.main` runs
+  (`evaluation.evaluator.make_eval_step`: one batch of `input.eval_batch_size` folded into the
+  on-device accumulator), lowered on the abstract parameters and batch."""
+  from evaluation.evaluator import make_eval_step
+  from training.experiment import Experiment
+
+  devices, chip = topology_devices(topology, num_slices)
+  config.input.batch_size = config.input.eval_batch_size   # abstract_batch's size
+  exp = Experiment.build(config, devices, with_data=False)
+  target = exp.abstract_restore_target()
+  step = make_eval_step(exp.model, exp.mesh, exp.shardings, config.eval)
+  return exp, chip, step.lower(target.params, target.batch_stats, exp.abstract_batch())
+
+
 def lower_train_step(config, topology: str, num_slices: int = 1):
   """(experiment, per-device chip figures, lowered step): `make_train_step` over a mesh of
   the topology's devices, lowered on the abstract state and batch. Opens no dataset when the
@@ -184,14 +199,17 @@ def param_bytes_per_device(exp) -> int:
   return total
 
 
-def compile_train_step(config, topology: str, num_slices: int = 1) -> Dict[str, Any]:
-  """Lowers and compiles the train step for `topology`; returns `measure`'s numbers (plus the
-  topology and the compile time in seconds)."""
+def compile_train_step(config, topology: str, num_slices: int = 1,
+                       step: str = 'train') -> Dict[str, Any]:
+  """Lowers and compiles the train (or, `step='eval'`, the eval) step for `topology`; returns
+  `measure`'s numbers (plus the topology, the step and the compile time in seconds)."""
   t0 = time.perf_counter()
-  exp, chip, lowered = lower_train_step(config, topology, num_slices)
+  lower = {'train': lower_train_step, 'eval': lower_eval_step}[step]
+  exp, chip, lowered = lower(config, topology, num_slices)
   compiled = lowered.compile()
   report = measure(exp, chip, compiled)
   report['topology'] = topology if num_slices == 1 else f'{num_slices} x {topology}'
+  report['step'] = step
   report['compile_s'] = time.perf_counter() - t0
   return report
 
@@ -246,6 +264,8 @@ def _define_flags() -> None:
                                   lock_config=True)
   flags.DEFINE_string('topology', None, 'TPU topology, e.g. v4:4x4x4, v5e:16x16')
   flags.DEFINE_string('json', None, 'also write the numbers to this JSON file')
+  flags.DEFINE_enum('step', 'train', ['train', 'eval'], 'which step to compile: the train '
+                    'step, or the eval step (one eval batch into the on-device metrics)')
   flags.DEFINE_integer('num_slices', 1, 'slices of the topology joined over DCN (multi-slice: '
                        'use mesh.dcn_shape to lay the mesh over them)')
   flags.mark_flags_as_required(['config', 'topology'])
@@ -258,7 +278,7 @@ def main(argv):
   f = flags.FLAGS
   try:
     require_libtpu()
-    report = compile_train_step(f.config, f.topology, f.num_slices)
+    report = compile_train_step(f.config, f.topology, f.num_slices, f.step)
   except (LibtpuMissingError, ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   except jax.errors.JaxRuntimeError as e:
