@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from backbones.constraints import constrain_batch
+
 # variant -> (width, depth, num_heads, mlp_dim), as in Dosovitskiy et al. / DeiT; H, g (1.0 B
 # parameters at /14) and G (1.8 B) as big_vision's `vit.decode_variant` (Zhai et al. 2022,
 # "Scaling Vision Transformers").
@@ -45,9 +47,11 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  activation_sharding: Any = None   # see ViT
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = constrain_batch(x, self.activation_sharding)
     y = nn.LayerNorm(dtype=self.dtype, name='ln1')(x)
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
                                         kernel_init=_dense_kernel, name='attn')(
@@ -86,6 +90,10 @@ class ViT(nn.Module):
   # Rematerialise each encoder block in the backward pass (`nn.remat`, big_vision's
   # `remat_policy`): activations of one block instead of `depth` are kept, for ViT-g / G
   remat: bool = False
+  # A NamedSharding of the batch (set by `training.model.build_model` from the mesh): every
+  # block's input keeps its batch there (`backbones.constraints`), so FSDP-sharded weights
+  # never lead XLA to replicate the batch. None: no constraint.
+  activation_sharding: Any = None
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -106,14 +114,14 @@ class ViT(nn.Module):
       blocks = nn.scan(block, variable_axes={'params': 0},
                        split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
                        length=self.depth)
-      x, _ = blocks(self.num_heads, self.mlp_dim, self.dropout, self.dtype, name='blocks')(
-          x, train)
+      x, _ = blocks(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                    self.activation_sharding, name='blocks')(x, train)
     else:
       # the same parameters as EncoderBlock; `train` positional, static under remat
       block = nn.remat(_ScannedBlock, static_argnums=(2,)) if self.remat else _ScannedBlock
       for i in range(self.depth):
         x, _ = block(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                     name=f'block{i}')(x, train)
+                     self.activation_sharding, name=f'block{i}')(x, train)
     x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x)
     x = x[:, 0] if self.pool == 'token' else jnp.mean(x, axis=1)
     return x.astype(jnp.float32)

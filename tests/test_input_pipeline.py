@@ -115,5 +115,6 @@ def test_global_batch_assembles_on_the_mesh():
            'label': np.arange(8, dtype=np.int32)}
   glob = pipeline.to_global(local, batch_sharding(mesh))
   np.testing.assert_array_equal(np.asarray(glob['label']), local['label'])
-  assert glob['image'].sharding.spec == jax.sharding.PartitionSpec('data')
-  assert len(glob['label'].addressable_shards) == 8
+  # the batch splits over every mesh axis: each of the 8 devices holds one distinct example
+  assert glob['image'].sharding.spec == jax.sharding.PartitionSpec(('data', 'model'))
+  assert sorted(int(s.data[0]) for s in glob['label'].addressable_shards) == list(range(8))

@@ -68,7 +68,8 @@ class Experiment:
                          f'{dict(mesh.shape)} (the batch splits over all of them): use a '
                          f'multiple of {multiple}')
     model = build_model(config, class_multiple=class_multiple(config, mesh),
-                        feature_sharding=feature_sharding(mesh))
+                        feature_sharding=feature_sharding(mesh),
+                        batch_sharding=batch_sharding(mesh))
     tx = build_optimizer(config.optimizer, config.train.num_steps,
                          abstract_params(model, image_shape))
     abstract, shardings = state_shardings(model, tx, image_shape, mesh, config.sharding.rules)

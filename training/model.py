@@ -1,5 +1,4 @@
 """Backbone + head = the classifier every experiment trains."""
-import math
 from typing import Optional, Sequence
 
 import jax
@@ -7,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from backbones.constraints import constrain_batch
 from backbones.registry import build_backbone
 from heads.base import Head, HeadOutput
 from heads.registry import build_head
@@ -39,26 +39,21 @@ class Classifier(nn.Module):
     if self.head.text_input is not None:
       extra['text'] = text
     x = self.features(images, train=train)
-    if self.feature_sharding is not None and x.shape[0] % _split(self.feature_sharding) == 0:
-      x = jax.lax.with_sharding_constraint(x, self.feature_sharding)
+    x = constrain_batch(x, self.feature_sharding)
     return self.head(x, labels, train=train, **extra)
 
 
-def _split(sharding: jax.sharding.NamedSharding) -> int:
-  """Into how many parts `sharding` splits the leading dimension (a batch that does not
-  divide, e.g. a few images applied outside the train step, is left as it comes)."""
-  entry = sharding.spec[0] if len(sharding.spec) else None
-  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-  return math.prod(sharding.mesh.shape[n] for n in names)
-
-
 def build_model(config: ml_collections.ConfigDict, *, class_multiple: int = 1,
-                feature_sharding: Optional[jax.sharding.Sharding] = None) -> Classifier:
+                feature_sharding: Optional[jax.sharding.Sharding] = None,
+                batch_sharding: Optional[jax.sharding.Sharding] = None) -> Classifier:
   """The classifier the config names; a head that pads its classes (`Head.pads_classes`) pads
-  them to a multiple of `class_multiple` (`training.experiment.class_multiple`)."""
+  them to a multiple of `class_multiple` (`training.experiment.class_multiple`); a backbone
+  with an `activation_sharding` field keeps its activations' batch on `batch_sharding`."""
   m = config.model
   dtype = jnp.dtype(m.dtype)
   backbone = build_backbone(m.backbone, dtype=dtype, **m.backbone_kwargs.to_dict())
+  if batch_sharding is not None and hasattr(backbone, 'activation_sharding'):
+    backbone = backbone.clone(activation_sharding=batch_sharding)
   head = build_head(m.head, config.dataset.num_classes, dataset=config.dataset,
                     **m.head_kwargs.to_dict())
   if head.pads_classes and class_multiple > 1:
