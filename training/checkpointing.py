@@ -262,6 +262,52 @@ def config_changes(saved: Any, current: Any) -> list[str]:
           if k not in old or k not in new or norm(old[k]) != norm(new[k])]
 
 
+@jax.jit
+def _fingerprint_leaves(leaves: list) -> list:
+  def one(x):
+    x = jnp.ravel(x)
+    if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+      words = x.astype(jnp.uint8).astype(jnp.uint32) if x.dtype == jnp.bool_ else \
+          jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    elif x.dtype.itemsize == 2:
+      words = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    else:
+      words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(words * weights, dtype=jnp.uint32)   # mod 2^32: order- and value-sensitive
+  return [one(x) for x in leaves]
+
+
+def fingerprints(tree: Any) -> dict:
+  """{'params/head/kernel': int} of every array of a train state (or of its params and
+  batch_stats), flattened as orbax stores them: the sum mod 2^32 of its 32-bit words (16- and
+  8-bit elements widened) weighted by 2i + 1, computed on device in one jitted call; saved
+  with each checkpoint and checked on restore (`Checkpointer._verify`)."""
+  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True))
+  items = [('/'.join(map(str, k)), v) for k, v in flat.items()
+           if hasattr(v, 'dtype') and v.dtype.itemsize <= 4 and np.size(v)]
+  on_host = [i for i, (_, v) in enumerate(items) if isinstance(v, np.ndarray)]
+  values = dict(zip(on_host, (_fingerprint_host(items[i][1]) for i in on_host)))
+  on_device = [i for i in range(len(items)) if i not in values]
+  values.update(zip(on_device, jax.device_get(
+      _fingerprint_leaves([items[i][1] for i in on_device]))))
+  return {k: int(values[i]) for i, (k, _) in enumerate(items)}
+
+
+def _fingerprint_host(x: np.ndarray, chunk: int = 1 << 24) -> int:
+  """`fingerprints`' value of a host array (warm starts restore to host), in chunks, so the
+  temporaries stay small for any size; uint32 arithmetic wraps mod 2^32 as on device."""
+  x = np.ravel(x)
+  words = (x.astype(np.uint32) if x.dtype == np.bool_ else
+           x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]))
+  total = 0
+  for start in range(0, words.size, chunk):
+    part = words[start:start + chunk].astype(np.uint32)
+    weights = np.arange(start, start + part.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    total = (total + int(np.sum(part * weights, dtype=np.uint32))) % 2**32
+  return total
+
+
 def _array_shapes(tree: Any) -> dict:
   """{'opt_state/1/0/trace/w': shape} of a train state, or of orbax's metadata of a saved one
   (both flattened the way orbax stores them)."""
@@ -371,6 +417,7 @@ class Checkpointer:
       handlers = {'state': ocp.StandardCheckpointHandler(),
                   'data': grain.checkpoint.CheckpointHandler()}
     handlers['config'] = ocp.JsonCheckpointHandler()
+    handlers['checksums'] = ocp.JsonCheckpointHandler()
     self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                           item_handlers=handlers)
 
@@ -393,7 +440,23 @@ class Checkpointer:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
     if self._config is not None:
       items['config'] = ocp.args.JsonSave(json.loads(self._config.to_json_best_effort()))
+    items['checksums'] = ocp.args.JsonSave(fingerprints(state))
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def _verify(self, step: int, restored: Any) -> Any:
+    """`restored` (arrays as saved) after checking each against the fingerprint saved with
+    `step` (checkpoints that predate them are not checked). Raises DamagedCheckpointError
+    naming the arrays whose bytes changed (overwritten: orbax keeps no checksum of them)."""
+    if not os.path.isdir(os.path.join(self._step_path(step), 'checksums')):
+      return restored
+    saved = self._manager.restore(step, args=ocp.args.Composite(
+        checksums=ocp.args.JsonRestore()))['checksums']
+    bad = [k for k, v in fingerprints(restored).items() if k in saved and saved[k] != v]
+    if bad:
+      raise DamagedCheckpointError(
+          f'{len(bad)} arrays of checkpoint step {step} differ from what was saved (their '
+          f'fingerprints): {", ".join(bad[:4])}{", ..." if len(bad) > 4 else ""}')
+    return restored
 
   def saved_config(self, step: int) -> Optional[dict]:
     """The config (JSON form) that wrote `step`, or None for checkpoints that predate it."""
@@ -467,7 +530,7 @@ class Checkpointer:
     self.check_resumable(step, abstract_state)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=grain.checkpoint.CheckpointRestore(data_iterator))
-    return resize(self._manager.restore(step, args=args)['state'])
+    return resize(self._verify(step, self._manager.restore(step, args=args)['state']))
 
   def restore_newest(self, restore: Callable[[int], Any],
                      step: Optional[int] = None) -> tuple[Any, int]:
@@ -527,7 +590,7 @@ class Checkpointer:
     restore = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     restored = self._manager.restore(step, args=ocp.args.Composite(state=restore))['state']
     restored = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
-    return resize(restored)
+    return resize(self._verify(step, restored))
 
   def set_aside_from(self, first_bad: int) -> tuple[Optional[int], list[str]]:
     """After a non-finite loss: waits for a pending save, then (process 0) renames each
