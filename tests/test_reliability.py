@@ -248,13 +248,7 @@ def _npz_of(data, split, order):
   blobs, labels = [], []
   for i in range(len(source)):
     example = source[i]
-    image = example['image']
-    if not isinstance(image, (bytes, bytearray)):
-      import io
-      buf = io.BytesIO()
-      Image.fromarray(np.asarray(image)[..., 0], 'L').save(buf, 'PNG')
-      image = buf.getvalue()
-    blobs.append(np.frombuffer(image, np.uint8))
+    blobs.append(np.frombuffer(example['image'], np.uint8))   # the PNG bytes, as stored
     labels.append(order.index(names[example['label']]))
   offsets = np.cumsum([0] + [len(b) for b in blobs])
   return dict(blob=np.concatenate(blobs), offsets=offsets, labels=np.array(labels),
@@ -401,21 +395,11 @@ def shards(tmp_path_factory):
   return _prepare(_folder(root / 'f', {'train': 'ab', 'test': 'ab'}, n=20), root / 'd')
 
 
-def _cut(path):
-  _truncate(path)
-
-
-def _overwrite64(path):
-  with open(path, 'r+b') as f:
-    f.seek(os.path.getsize(path) // 2)
-    f.write(b'\xff' * 64)
-
-
 @pytest.mark.parametrize('damage, split, reader', [
-    (_cut, 'train', 'global'),           # the issue's inputs: RuntimeError with no message,
-    (_overwrite64, 'train', 'global'),   # "block header hash mismatch", neither naming the file
-    (_cut, 'train', 'sharded'),          # the same kind: the other train reader, the eval split
-    (_overwrite64, 'test', 'global'),
+    (_truncate, 'train', 'global'),    # the issue's inputs: RuntimeError with no message,
+    (_overwrite, 'train', 'global'),   # "block header hash mismatch", neither naming the file
+    (_truncate, 'train', 'sharded'),   # the same kind: the other train reader, the eval split
+    (_overwrite, 'test', 'global'),
 ])
 def test_a_damaged_shard_is_one_line_naming_the_file_and_how_to_prepare_it(shards, tmp_path,
                                                                           damage, split, reader):
