@@ -214,6 +214,7 @@ def vit_pretraining(c: ConfigDict, *, backbone: str, num_classes: int, setup_hin
   c.input.num_workers = 16
   c.model.backbone = backbone
   c.model.backbone_kwargs.scan = True  # XLA compiles one encoder block, not one per layer
+  c.model.backbone_kwargs.remat = False  # True: recompute each block in the backward pass
   # FSDP over every device for each parameter of 4 MiB or more (training/sharding.py): the
   # state per device shrinks with the pod; head classes also split over 'model' when
   # mesh.shape gives it devices (e.g. '(-1,16)' for K ~ 10^6)

@@ -203,10 +203,10 @@ def test_exception_right_after_an_async_save_keeps_that_save(tmp_path, monkeypat
   assert steps == [1, 2, 4, 5, 6]
 
 
-def test_batch_not_divisible_by_data_axis(tmp_path):
+def test_batch_not_divisible_by_the_mesh(tmp_path):
   c = _config()
-  c.input.batch_size = 12  # 8 fake devices on the data axis
-  with pytest.raises(ValueError, match='not divisible by the data axis'):
+  c.input.batch_size = 12  # 8 fake devices: the batch splits over all of them
+  with pytest.raises(ValueError, match='not divisible by the 8 devices of mesh'):
     train_and_evaluate(c, str(tmp_path))
 
 

@@ -65,8 +65,8 @@ class Experiment:
                        ('input.eval_batch_size', config.input.eval_batch_size)):
       if size % multiple:
         raise ConfigError(f'{name}={size} is not divisible by the {multiple} devices of mesh '
-                         f'{dict(mesh.shape)} (the batch splits over all of them): use a '
-                         f'multiple of {multiple}')
+                          f'{dict(mesh.shape)} (the batch splits over all of them): use a '
+                          f'multiple of {multiple}')
     model = build_model(config, class_multiple=class_multiple(config, mesh),
                         feature_sharding=feature_sharding(mesh),
                         batch_sharding=batch_sharding(mesh))
