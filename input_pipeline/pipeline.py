@@ -223,7 +223,7 @@ def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
   `text_input` is given (`preprocess`).
 
   `reader` ('auto' | 'global' | 'sharded', config `input.reader`) picks how (`choose_reader`;
-  process 0 prints which and why); `sharded_above`, `streams`, `cycle_length` and `window` are the
+  process 0 prints which and why, for a prepared dataset); `sharded_above`, `streams`, `cycle_length` and `window` are the
   config's `input.sharded_above`, `input.shard_streams`, `input.shards_interleaved` and
   `input.shuffle_window` (`ShardedBatches`). `process_index` / `process_count` default to
   jax's. With the global reader this process's stream is example i of the seeded, per-epoch
@@ -233,7 +233,7 @@ def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
   """
   index, count = _processes(process_index, process_count)
   kind, why = choose_reader(source, reader, sharded_above)
-  if index == 0:
+  if index == 0 and sources_records(source) is not None:   # a choice only for prepared data
     print(f'training input: the {kind} reader ({why})', flush=True)
   preprocess_args = dict(augment=augment, image_size=image_size, channels=channels,
                          text_input=text_input)
@@ -254,6 +254,12 @@ def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
 READERS = ('auto', 'global', 'sharded')
 
 
+def sources_records(source: Any) -> Any:
+  """The prepared ArrayRecord split under `source`, or None (`sources.records_of`)."""
+  from input_pipeline import sources
+  return sources.records_of(source)
+
+
 def choose_reader(source: Any, reader: str = 'auto',
                   sharded_above: int = 1_000_000) -> tuple[str, str]:
   """('global' | 'sharded', why) for training on `source` with config `input.reader`.
@@ -265,10 +271,9 @@ def choose_reader(source: Any, reader: str = 'auto',
   grain worker, plus Python objects per shard) and start-up, and the global one below, where
   an exact global shuffle is cheap and the batches do not depend on the worker count.
   """
-  from input_pipeline import sources
   if reader not in READERS:
     raise ValueError(f'input.reader must be one of {READERS}, got {reader!r}')
-  records = sources.records_of(source)
+  records = sources_records(source)
   if reader == 'global':
     return 'global', "input.reader='global'"
   if records is None:

@@ -9,6 +9,7 @@ as `<workdir>/config.json`, so `--mode=eval --workdir=W` evaluates them all agai
   python -m launch.main --config=configs/quickstart.py:compare --workdir=/tmp/quickstart
   python -m launch.main --mode=eval --workdir=/tmp/quickstart
 """
+import copy
 import json
 import os
 from typing import Callable, Optional
@@ -29,10 +30,11 @@ def train(config: ConfigDict, workdir: str) -> dict:
   if 'runs' not in config:
     return train_and_evaluate(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  given = copy.deepcopy(config)    # the runs resolve their parts in place: save what was given
   if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-    save_config(workdir, config)   # a new workdir: nothing to keep
+    save_config(workdir, given)    # a new workdir: nothing to keep
   results = _each(config, workdir, train_and_evaluate)
-  save_config(workdir, config)     # once the runs passed their checks: a refused one changes none
+  save_config(workdir, given)      # once the runs passed their checks: a refused one changes none
   return results
 
 
