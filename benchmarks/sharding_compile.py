@@ -57,8 +57,10 @@ ROWS = {
     'k2p20_quad_dp_v5e': (JFT, 'v5e:16x16', QUAD + classes(2**20) + REPL),
     'k2p20_det_dp_v5e': (JFT + ':det', 'v5e:16x16', classes(2**20) + REPL),
     'k2p20_det_m16_fsdp_v5e': (JFT + ':det', 'v5e:16x16', classes(2**20) + mesh(16) + FSDP),
-    'k2p20_quad_m8_fsdp_v4': (JFT, 'v4:4x4x4', QUAD + classes(2**20) + mesh(8) + FSDP),
-    'k1000003_quad_m8_fsdp_v4': (JFT, 'v4:4x4x4', QUAD + classes(1_000_003) + mesh(8) + FSDP),
+    # (v4:4x4x4's logical axes must be products of its physical 4s: 'model' 4 or 16, not 8)
+    'k2p20_quad_m16_fsdp_v4': (JFT, 'v4:4x4x4', QUAD + classes(2**20) + mesh(16) + FSDP),
+    'k1000003_quad_m16_fsdp_v4': (JFT, 'v4:4x4x4', QUAD + classes(1_000_003) + mesh(16) + FSDP),
+    'k2p20_quad_dp_v4': (JFT, 'v4:4x4x4', QUAD + classes(2**20) + REPL),
     # ViT-g/14 (1.0 B parameters) + HET-XL at JFT size: replicated against FSDP
     'vitg14_quad_dp_v5e': (JFT, 'v5e:16x16', QUAD + REPL + ('--config.model.backbone=vit_g14',)),
     'vitg14_quad_fsdp_v5e': (JFT, 'v5e:16x16', QUAD + ('--config.model.backbone=vit_g14',) + FSDP),

@@ -33,6 +33,14 @@ checkpoints, `train/eval_mc_samples` ignored. At B = 16 per device the head's fw
 Compiled for a pod without one (`python -m launch.compile --config=configs/hetxl_jft.py
 --topology=v4:4x4x4`): the whole train step at batch 4096 costs 3.65x the FLOPs of `:det` with
 MC and 1.10x with quadrature, and fits v4-128 (15.0 GiB of 32 per chip with MC) and v5e-256.
+Sharding (README "Sharding"): every parameter of 4 MiB or more is FSDP-sharded over all chips
+(`sharding.rules`, from `configs.base.vit_pretraining`), the batch splits over every chip, and
+the mesh is data-parallel, `mesh.shape=(-1,1)`, whatever the pod's size. For K ~ 10^6 give the
+head's classes their own axis, e.g. `--config.mesh.shape='(-1,16)'` (K is padded to a multiple
+of 128 x 16 and the padding masked). Compiled (BENCHMARKS.md, issue 26): 3.0 GiB per v5e chip at
+K = 29,593 with quadrature; K = 1,048,576 and 1,000,003 fit v5e-256 at batch 4096 with 'model' =
+16 (10.5 GiB per chip), the data-only mesh does not. Multi-slice: `mesh.axes=('replica','data',
+'model')`, `mesh.dcn_shape=(SLICES,1,1)` (HSDP).
 Variants: `det` (same model, deterministic sigmoid head, bias -10).
 """
 from configs import base, schema

@@ -56,8 +56,13 @@ def build_mesh(axes: Sequence[str], shape: Sequence[int],
         shape, dcn_shape, jax.devices() if devices is None else devices)
     return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
   shape = _fill(shape, n, 'mesh.shape')
-  return jax.make_mesh(tuple(shape), axes, axis_types=(AxisType.Auto,) * len(axes),
-                       devices=devices)
+  try:
+    return jax.make_mesh(tuple(shape), axes, axis_types=(AxisType.Auto,) * len(axes),
+                         devices=devices)
+  except NotImplementedError as e:   # a TPU torus the logical shape cannot be laid on
+    raise ValueError(f'mesh.shape {tuple(shape)} does not lie on the devices\' physical '
+                     f'topology ({str(e).split(". ")[0]}); each axis must be a product of '
+                     'physical axis sizes') from None
 
 
 def batch_axes(mesh: Mesh) -> tuple:
