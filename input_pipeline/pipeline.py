@@ -163,7 +163,32 @@ def _examples_consumed(state: dict) -> int:
                    f'{{{TrainBatches.STATE_KEY!r}: examples consumed}}')
 
 
-class TrainBatches(grain.DatasetIterator):
+class _Reopenable(grain.DatasetIterator):
+  """A batch iterator over an inner grain iterator that `_open` builds at the first use (or
+  after `set_state`) and `_drop` closes: the lifecycle both training readers share."""
+
+  def __init__(self):
+    super().__init__()
+    self._inner = None
+
+  def _open(self) -> None:
+    raise NotImplementedError
+
+  def _drop(self) -> None:
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+
+  def start_prefetch(self) -> None:
+    if self._inner is None:
+      self._open()
+    self._inner.start_prefetch()
+
+  def close(self) -> None:
+    self._drop()
+
+
+class TrainBatches(_Reopenable):
   """Endless training batches of this process, resumable for any batch size or worker count.
 
   Batch b holds examples [E + b * batch, E + (b + 1) * batch) of this process's endless
@@ -178,16 +203,10 @@ class TrainBatches(grain.DatasetIterator):
     super().__init__()
     self._examples, self._batch, self._num_workers = examples, batch, num_workers
     self._next = 0
-    self._inner = None
 
   def _open(self) -> None:
     batches = self._examples[self._next:].batch(self._batch, drop_remainder=True)
     self._inner = iter(_finish(batches, self._num_workers))
-
-  def _drop(self) -> None:
-    if self._inner is not None:
-      self._inner.close()
-      self._inner = None
 
   def __next__(self) -> dict:
     if self._inner is None:
@@ -202,14 +221,6 @@ class TrainBatches(grain.DatasetIterator):
   def set_state(self, state: dict) -> None:
     self._drop()
     self._next = _examples_consumed(state)
-
-  def start_prefetch(self) -> None:
-    if self._inner is None:
-      self._open()
-    self._inner.start_prefetch()
-
-  def close(self) -> None:
-    self._drop()
 
 
 def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
@@ -449,7 +460,7 @@ def _largest_divisor(n: int, at_most: int) -> int:
   return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-class ShardedBatches(grain.DatasetIterator):
+class ShardedBatches(_Reopenable):
   """Endless training batches of this process that read only its own shards.
 
   Shard visits: the seeded, per-epoch reshuffled, endless sequence of the split's shards
@@ -496,7 +507,6 @@ class ShardedBatches(grain.DatasetIterator):
     self._auto_streams = streams == 0
     self._set_streams(streams or max(1, num_workers))
     self._next, self._states = 0, [None] * self._k
-    self._inner = None
     self._records.close()   # shards earlier reads opened (the label probe of `build_source`)
 
   def _set_streams(self, k: int) -> None:
@@ -532,9 +542,7 @@ class ShardedBatches(grain.DatasetIterator):
     self._inner = iter(ds)
 
   def _drop(self) -> None:
-    if self._inner is not None:
-      self._inner.close()
-      self._inner = None
+    super()._drop()
     self._records.close()
 
   def __next__(self) -> dict:
@@ -566,14 +574,6 @@ class ShardedBatches(grain.DatasetIterator):
       self._set_streams(saved)
     self._drop()
     self._next, self._states = int(state[self.STATE_KEY]), list(state['streams'])
-
-  def start_prefetch(self) -> None:
-    if self._inner is None:
-      self._open()
-    self._inner.start_prefetch()
-
-  def close(self) -> None:
-    self._drop()
 
 
 def eval_dataset(source: Any, *, global_batch: int, eval_mode: str, image_size: int,
