@@ -34,7 +34,9 @@ def class_probabilities(module: Any, images: jax.Array) -> dict:
   (sigmoid heads normalised, as the evaluator does; MC heads with the evaluator's fixed noise,
   drawn from the rngs `evaluation.collect.collect` passes)."""
   out = module(images, train=False)
-  probs = probabilities(module.head.link, out.logits).astype(jnp.float32)
+  # the real classes only (a head that pads its class dimension gives its padding p = 0)
+  probs = probabilities(module.head.link, out.logits[:, :module.head.num_classes])
+  probs = probs.astype(jnp.float32)
   return {'probs': probs / jnp.sum(probs, -1, keepdims=True)}
 
 

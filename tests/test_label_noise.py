@@ -193,7 +193,8 @@ def test_label_sets_are_refused():
 
 def test_reference_probs_of_a_trained_workdir(tmp_path):
   """evaluation.reference_probs on a 30-step quickstart: rows sum to 1, one per training
-  example, and its reported accuracy is the argmax accuracy against the clean labels."""
+  example (the K real classes, read on a (4, 2) mesh whose head pads K to 256), and its
+  reported accuracy is the argmax accuracy against the clean labels."""
   from input_pipeline.sources import build_source
   from tests.helpers import last_json, load_config, run_main, run_module
   work = tmp_path / 'w'
@@ -201,7 +202,8 @@ def test_reference_probs_of_a_trained_workdir(tmp_path):
            '--config.train.num_steps=30')
   out = tmp_path / 'probs.npy'
   proc = run_module('evaluation.reference_probs', '--config=configs/quickstart.py:runlocal',
-                    f'--workdir={work}', f'--out={out}')
+                    f'--workdir={work}', f'--out={out}', '--config.mesh.shape=(4,2)',
+                    devices=8)
   result = last_json(proc.stdout)
   probs = np.load(out)
   config = load_config('quickstart.py', 'runlocal')
