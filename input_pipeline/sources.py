@@ -681,9 +681,10 @@ def _arrayrecord_source(ds: ml_collections.ConfigDict, split: str):
   from input_pipeline import records
   meta = _read_metadata(ds)
   own = ds.setup_hint and f'--out={ds.data_dir}' in ds.setup_hint.replace(' ', '')
+  origin = f' from its source ({meta["source"]})' if meta.get('source') else ''
   fix = (f'prepare it again: {ds.setup_hint}' if own else
-         f'prepare {ds.data_dir} again from its source ({meta["source"]}) with python -m '
-         f'launch.prepare_data --out={ds.data_dir} and the --source it was prepared with')
+         f'prepare {ds.data_dir} again{origin} with python -m launch.prepare_data '
+         f'--out={ds.data_dir} and the --source it was prepared with')
   source = RecordSource(records.split_paths(ds.data_dir, split), meta['format_version'],
                         meta['splits'][split].get('shard_lengths'), fix)
   return source, tuple(meta['class_names']), meta['multi_label'], meta['max_labels_per_image']
