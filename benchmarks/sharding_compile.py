@@ -61,6 +61,11 @@ ROWS = {
     'k2p20_quad_m16_fsdp_v4': (JFT, 'v4:4x4x4', QUAD + classes(2**20) + mesh(16) + FSDP),
     'k1000003_quad_m16_fsdp_v4': (JFT, 'v4:4x4x4', QUAD + classes(1_000_003) + mesh(16) + FSDP),
     'k2p20_quad_dp_v4': (JFT, 'v4:4x4x4', QUAD + classes(2**20) + REPL),
+    # ... 64 images per v4 chip: the backbone's blocks rematerialised
+    'k2p20_quad_m16_fsdp_remat_v4': (JFT, 'v4:4x4x4', QUAD + classes(2**20) + mesh(16) + FSDP
+                                     + ('--config.model.backbone_kwargs.remat=True',)),
+    'k1000003_quad_m16_fsdp_remat_v4': (JFT, 'v4:4x4x4', QUAD + classes(1_000_003) + mesh(16)
+                                        + FSDP + ('--config.model.backbone_kwargs.remat=True',)),
     # ViT-g/14 (1.0 B parameters) + HET-XL at JFT size: replicated against FSDP
     'vitg14_quad_dp_v5e': (JFT, 'v5e:16x16', QUAD + REPL + ('--config.model.backbone=vit_g14',)),
     'vitg14_quad_fsdp_v5e': (JFT, 'v5e:16x16', QUAD + ('--config.model.backbone=vit_g14',) + FSDP),
