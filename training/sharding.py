@@ -30,13 +30,15 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from training.mesh import fit_spec
 from training.optimizer import param_path
+from training.resolve import ConfigError
 
 TACTICS = ('replicate', 'fsdp', 'shard_dim')
 FSDP_MIN_SIZE_MB = 4.0
 
 
-class ShardingRuleError(ValueError):
-  """A sharding rule that cannot be parsed or applied; the message names the rule."""
+class ShardingRuleError(ConfigError):
+  """A sharding rule that cannot be parsed or applied; the message names the rule (a user's
+  config error: one `error:` line from the command-line tools)."""
 
 
 def parse_tactic(tactic: str) -> Tuple[str, dict]:
@@ -158,5 +160,5 @@ def param_specs(declared: Any, abstract: Any, rules: Sequence[Sequence[str]],
       specs.append(apply_tactic(name, kwargs, spec, leaf.shape, np.dtype(leaf.dtype).itemsize,
                                 mesh))
     except ShardingRuleError as e:
-      raise ShardingRuleError(f'{path}: {e}') from None
+      raise ShardingRuleError(f'sharding.rules, parameter {path}: {e}') from None
   return jax.tree.unflatten(treedef, specs)
