@@ -300,3 +300,23 @@ def test_a_missing_own_data_dir_gets_the_generic_hint_once(tmp_path):
   with pytest.raises(FileNotFoundError) as e:   # a recipe's hint, for the directory it names
     resolve(c)
   assert str(e.value).count('cifar10_npz') == 1 and '--source=folder' not in str(e.value)
+
+
+def test_own_data_compare_trains_every_head_and_prints_one_table(data, tmp_path, capsys):
+  """Issue 28 point 5: `compare_heads.py:data=DIR,compare` on a tiny prepared folder trains
+  every head (runlocal-sized) into WORKDIR/<head> and prints one table whose rows are each
+  run's own eval_results.json, ending with the uniform guess 1/K."""
+  import json
+  from configs.compare_heads import COMPARED
+  from launch import runs
+  from tests.helpers import load_config
+  config = load_config('compare_heads.py', f'data={data},compare,runlocal,augment=none')
+  results = runs.train(config, str(tmp_path))
+  assert sorted(results) == sorted(COMPARED)
+  table = capsys.readouterr().out.split('| run ', 1)[1]
+  for head in COMPARED:
+    with open(tmp_path / head / 'eval_results.json') as f:
+      own = json.load(f)
+    row = next(line for line in table.splitlines() if line.startswith(f'| {head} '))
+    assert f"{own['accuracy']:.4f}" in row and f"{own['nll']:.4f}" in row, (head, row)
+  assert f'{1 / K:.4f}' in table   # the chance row: accuracy 1/K
