@@ -32,8 +32,8 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from evaluation.calibration import expected_calibration_error
-from heads.base import (PADDED_LOGIT, class_targets, has_label, link_loss, probabilities,
-                        real_classes, top1_correct)
+from heads.base import (class_targets, has_label, link_loss, mask_padded, probabilities,
+                        top1_correct)
 from input_pipeline.pipeline import device_batches
 from training.mesh import batch_axes, batch_sharding
 from training.model import step_rngs
@@ -72,8 +72,9 @@ lies in that interval (tie bins: the tie precision, exact). So per class
 
 T_b + F_b = T'_b + p_b + F'_b + n_b (>= |E|, ~M) the examples at or above bin b (hi_b - lo_b
 <= (p_b - 1 + n_b) / (T_b + F_b), through the tie precision T_b / (T_b + F_b) between them):
-the error is the share of the examples ranked at or above a positive that share its bin. The mean of the first bound over the
-classes averaged is returned as `map_error_bound`, a guarantee for the data at hand (0: exact).
+the error is the share of the examples ranked at or above a positive that share its bin. The
+mean of the first bound over the classes averaged is returned as `map_error_bound`, a guarantee
+for the data at hand (0: exact).
 The top-M set makes the bound small where fixed bins cannot (at the top of a class's ranking,
 where few examples are above); the bins need only resolve the bulk. With M = 64, 512 bins, at
 JFT's eval N = 49,511 on JFT-like sigmoid scores (positives' logits N(-2, 3) among negatives'
@@ -257,7 +258,8 @@ class EvalStep:
     return self._jit_zeros[key]()
 
   def _step(self, acc, params, batch_stats, batch):
-    logits = mask_classes(self.logits_fn(params, batch_stats, batch['image']), self.num_classes)
+    logits = self.logits_fn(params, batch_stats, batch['image']).astype(jnp.float32)
+    logits = mask_padded(logits, self.num_classes)
     probs = probabilities(self.link, logits)
     acc = {**acc, **accumulate(acc, logits, probs, batch['label'], batch['mask'],
                                link=self.link, num_bins=self.num_bins)}
@@ -337,17 +339,11 @@ class EvalStep:
             'calibration': CALIBRATION.format(bins=self.num_bins)}, bins
 
 
-def mask_classes(logits: jax.Array, num_classes: int) -> jax.Array:
-  """float32 logits [B, K_pad] with every column >= num_classes set to PADDED_LOGIT."""
-  return jnp.where(real_classes(logits.shape[-1], num_classes), logits.astype(jnp.float32),
-                   PADDED_LOGIT)
-
-
 def accumulate(acc: dict, logits: jax.Array, probs: jax.Array, labels: jax.Array,
                mask: jax.Array, *, link: str, num_bins: int) -> dict:
   """The scalar sums and reliability bins of `acc` after one batch (jit-able, any sharding).
 
-  logits [B, K_pad] float32 with the padded classes masked (`mask_classes`), probs their
+  logits [B, K_pad] float32 with the padded classes masked (`heads.base.mask_padded`), probs their
   `probabilities(link, logits)`, labels [B] or label sets [B, L], mask [B] (1 = real example).
   Sums (counts int32, exact): 'count' (real examples), 'weight' (examples in top-1 and ECE:
   real ones, or for label sets those with a label), 'correct' (accuracy / prec@1 numerator),

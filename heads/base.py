@@ -102,8 +102,7 @@ class Head(nn.Module):
     unchanged when nothing is padded. Its gradient into a padded class is 0."""
     if self.padded_classes == self.num_classes:
       return logits
-    return jnp.where(real_classes(logits.shape[-1], self.num_classes), logits,
-                     jnp.asarray(PADDED_LOGIT, logits.dtype))
+    return mask_padded(logits, self.num_classes)
 
   def ood_scores(self, x: jax.Array, logits: jax.Array) -> Dict[str, jax.Array]:
     """The head's own OOD scores {name: [B] float32} (higher = more likely OOD) of features
@@ -135,6 +134,13 @@ def padded_size(num_classes: int, multiple: int) -> int:
 def real_classes(width: int, num_classes: int) -> jax.Array:
   """[width] bool: True for the `num_classes` real classes of a (padded) class dimension."""
   return jnp.arange(width) < num_classes
+
+
+def mask_padded(logits: jax.Array, num_classes: int) -> jax.Array:
+  """`logits` [..., width] with every column from `num_classes` on set to PADDED_LOGIT (the
+  padding of a class dimension: probability 0, loss 0, never top-1)."""
+  return jnp.where(real_classes(logits.shape[-1], num_classes), logits,
+                   jnp.asarray(PADDED_LOGIT, logits.dtype))
 
 
 def class_targets(labels: jax.Array, num_classes: int) -> jax.Array:

@@ -25,6 +25,8 @@ import grain
 import jax
 import numpy as np
 
+from input_pipeline.sources import records_of
+
 
 def preprocess(element: dict, rng: np.random.Generator | None, *, augment: str = 'none',
                eval_mode: str = 'none', image_size: int = 0, channels: int = 0,
@@ -234,17 +236,17 @@ def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
   `text_input` is given (`preprocess`).
 
   `reader` ('auto' | 'global' | 'sharded', config `input.reader`) picks how (`choose_reader`;
-  process 0 prints which and why, for a prepared dataset); `sharded_above`, `streams`, `cycle_length` and `window` are the
-  config's `input.sharded_above`, `input.shard_streams`, `input.shards_interleaved` and
-  `input.shuffle_window` (`ShardedBatches`). `process_index` / `process_count` default to
-  jax's. With the global reader this process's stream is example i of the seeded, per-epoch
-  reshuffled, repeated source at positions process_index, process_index + process_count, ...;
-  each example is augmented with an rng seeded by its position in that stream, so batches are a
-  pure function of (seed, position) whatever `num_workers`.
+  process 0 prints which and why, for a prepared dataset); `sharded_above`, `streams`,
+  `cycle_length` and `window` are the config's `input.sharded_above`, `input.shard_streams`,
+  `input.shards_interleaved` and `input.shuffle_window` (`ShardedBatches`). `process_index` and
+  `process_count` default to jax's. With the global reader this process's stream is example i of
+  the seeded, per-epoch reshuffled, repeated source at positions process_index, process_index +
+  process_count, ...; each example is augmented with an rng seeded by its position in that stream,
+  so batches are a pure function of (seed, position) whatever `num_workers`.
   """
   index, count = _processes(process_index, process_count)
   kind, why = choose_reader(source, reader, sharded_above)
-  if index == 0 and sources_records(source) is not None:   # a choice only for prepared data
+  if index == 0 and records_of(source) is not None:   # a choice only for prepared data
     print(f'training input: the {kind} reader ({why})', flush=True)
   preprocess_args = dict(augment=augment, image_size=image_size, channels=channels,
                          text_input=text_input)
@@ -265,12 +267,6 @@ def train_dataset(source: Any, *, global_batch: int, seed: int, augment: str,
 READERS = ('auto', 'global', 'sharded')
 
 
-def sources_records(source: Any) -> Any:
-  """The prepared ArrayRecord split under `source`, or None (`sources.records_of`)."""
-  from input_pipeline import sources
-  return sources.records_of(source)
-
-
 def choose_reader(source: Any, reader: str = 'auto',
                   sharded_above: int = 1_000_000) -> tuple[str, str]:
   """('global' | 'sharded', why) for training on `source` with config `input.reader`.
@@ -284,7 +280,7 @@ def choose_reader(source: Any, reader: str = 'auto',
   """
   if reader not in READERS:
     raise ValueError(f'input.reader must be one of {READERS}, got {reader!r}')
-  records = sources_records(source)
+  records = records_of(source)
   if reader == 'global':
     return 'global', "input.reader='global'"
   if records is None:
@@ -385,9 +381,8 @@ class _ShardExamples(grain.transforms.Map):
   seed: int
 
   def map(self, visit: tuple[int, int]) -> grain.IterDataset:
-    from input_pipeline import sources
     v, shard = visit
-    records = sources.records_of(self.source)
+    records = records_of(self.source)
     ds = grain.MapDataset.range(int(records.shard_lengths[shard]))
     if self.shuffle:
       ds = ds.shuffle(seed=_seed(self.seed, v))
@@ -463,27 +458,26 @@ def _largest_divisor(n: int, at_most: int) -> int:
 class ShardedBatches(_Reopenable):
   """Endless training batches of this process that read only its own shards.
 
-  Shard visits: the seeded, per-epoch reshuffled, endless sequence of the split's shards
-  (epoch e's permutation at visits e S .. (e + 1) S - 1, S shards). Process p of P has
-  `streams` K independent streams; stream k reads visits p + P k, p + P (k + K), ... (so
-  every shard of every epoch goes to exactly one stream of one process), interleaving
-  `cycle_length` of them at a time (`grain.experimental.InterleaveIterDataset`, reading up to
-  64 records ahead in each; each visit's records in a seeded order of its own), shuffles the
-  examples within windows of `window` (`grain.experimental.WindowShuffleIterDataset`) and
-  batches them; batch b of the process comes from stream b mod K. An example is augmented
-  with an rng seeded by (seed, visit, record in shard). Grain's `mp_prefetch` worker w of W
-  runs streams w, w + W, ...; a W that does not divide K runs on the largest divisor of K
-  below it (said in the log), so the batches are the same for any worker count. A stream opens a shard at its visit's first
-  read and closes it at the visit's end: a process holds about K (cycle_length + 1) shards
-  open, never one it does not read. Memory and start-up: O(shards) + the open shards +
-  K windows of raw records, whatever the record count.
+  Shard visits: the seeded, per-epoch reshuffled, endless sequence of the split's shards (epoch e's
+  permutation at visits e S .. (e + 1) S - 1, S shards). Process p of P has `streams` K independent
+  streams; stream k reads visits p + P k, p + P (k + K), ... (so every shard of every epoch goes to
+  exactly one stream of one process), interleaving `cycle_length` of them at a time
+  (`grain.experimental.InterleaveIterDataset`, reading up to 64 records ahead in each; each visit's
+  records in a seeded order of its own), shuffles the examples within windows of `window`
+  (`grain.experimental.WindowShuffleIterDataset`) and batches them; batch b of the process comes
+  from stream b mod K. An example is augmented with an rng seeded by (seed, visit, record in
+  shard). Grain's `mp_prefetch` worker w of W runs streams w, w + W, ...; a W that does not divide
+  K runs on the largest divisor of K below it (said in the log), so the batches are the same for
+  any worker count. A stream opens a shard at its visit's first read and closes it at the visit's
+  end: a process holds about K (cycle_length + 1) shards open, never one it does not read. Memory
+  and start-up: O(shards) + the open shards + K windows of raw records, whatever the record count.
 
-  State (checkpointed with the model): {'sharded_next_batch': batches consumed, 'streams':
-  [each stream's grain iterator state after its last consumed batch]}; a resume continues at
-  the same example of every stream, exactly, for any batch size and worker count. `streams` 0 means max(1, num_workers) for a new run and the saved
-  K for a resume; a resume whose config sets another K raises ValueError saying which K to
-  set. A resume with another process count stops in `training.checkpointing` (no data
-  position for the new processes).
+  State (checkpointed with the model): {'sharded_next_batch': batches consumed, 'streams': [each
+  stream's grain iterator state after its last consumed batch]}; a resume continues at the same
+  example of every stream, exactly, for any batch size and worker count. `streams` 0 means max(1,
+  num_workers) for a new run and the saved K for a resume; a resume whose config sets another K
+  raises ValueError saying which K to set. A resume with another process count stops in
+  `training.checkpointing` (no data position for the new processes).
   """
   STATE_KEY = 'sharded_next_batch'
 
@@ -492,8 +486,7 @@ class ShardedBatches(_Reopenable):
                process_count: int, augment: str, image_size: int, channels: int,
                text_input: Any = None):
     super().__init__()
-    from input_pipeline import sources
-    self._records = sources.records_of(source)
+    self._records = records_of(source)
     if self._records is None or not len(self._records):
       raise ValueError('the sharded reader needs a non-empty prepared ArrayRecord split')
     if cycle_length < 1 or window < 0 or streams < 0:

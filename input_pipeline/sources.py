@@ -665,6 +665,11 @@ def _digits_source(split: str):
   return ArraySource(images, labels), names
 
 
+def _own_hint(ds: ml_collections.ConfigDict) -> bool:
+  """Whether `dataset.setup_hint` prepares this very directory (a recipe's own dataset)."""
+  return bool(ds.setup_hint) and f'--out={ds.data_dir}' in ds.setup_hint.replace(' ', '')
+
+
 def _read_metadata(ds: ml_collections.ConfigDict) -> dict:
   """metadata.json of the prepared directory; when missing, the error says how to prepare it:
   `dataset.setup_hint` when the config names no directory or the hint is about this one (a
@@ -673,16 +678,15 @@ def _read_metadata(ds: ml_collections.ConfigDict) -> dict:
   if not ds.data_dir:
     raise FileNotFoundError('dataset.data_dir is not set: point it at a directory written by '
                             f'python -m launch.prepare_data.\n{ds.setup_hint}'.strip())
-  own = ds.setup_hint and f'--out={ds.data_dir}' in ds.setup_hint.replace(' ', '')
-  return records.read_metadata(ds.data_dir, how_to_prepare=ds.setup_hint if own else None)
+  return records.read_metadata(ds.data_dir,
+                               how_to_prepare=ds.setup_hint if _own_hint(ds) else None)
 
 
 def _arrayrecord_source(ds: ml_collections.ConfigDict, split: str):
   from input_pipeline import records
   meta = _read_metadata(ds)
-  own = ds.setup_hint and f'--out={ds.data_dir}' in ds.setup_hint.replace(' ', '')
   origin = f' from its source ({meta["source"]})' if meta.get('source') else ''
-  fix = (f'prepare it again: {ds.setup_hint}' if own else
+  fix = (f'prepare it again: {ds.setup_hint}' if _own_hint(ds) else
          f'prepare {ds.data_dir} again{origin} with python -m launch.prepare_data '
          f'--out={ds.data_dir} and the --source it was prepared with')
   source = RecordSource(records.split_paths(ds.data_dir, split), meta['format_version'],

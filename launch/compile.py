@@ -296,4 +296,4 @@ def main(argv):
 if __name__ == '__main__':
   from training import cli   # quiet library logs
   _define_flags()
-  cli.run(main, {})
+  cli.run(main, {'config': None})   # --config.*_kwargs.KEY=V as in launch.main

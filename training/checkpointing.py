@@ -211,11 +211,10 @@ def restore_variables(workdir: str, abstract_state: Any = None, step: Optional[i
     raise NoCheckpointError(f'no checkpoints in {workdir}: {hint}')
   ckpt = Checkpointer(workdir, save_every=1, keep=1, read_only=True)
   try:
-    newest = ckpt.pick_step(step, hint=hint)
+    ckpt.pick_step(step, hint=hint)   # NoCheckpointError when there is none (or not `step`)
     if abstract_state is not None:
       check_signature(workdir, abstract_state.params, layout=layout)
-    return ckpt.restore_newest(lambda s: ckpt.restore_variables(s, abstract_state, layout),
-                               step and newest)
+    return ckpt.restore_newest(lambda s: ckpt.restore_variables(s, abstract_state, layout), step)
   finally:
     ckpt.close()
 
@@ -468,8 +467,7 @@ class Checkpointer:
   def _step_path(self, step: int) -> str:
     return str(_FINALISED.find_step(checkpoint_dir(self._workdir), step).path)
 
-  def check_resumable(self, step: int, abstract_state: Any,
-                      layout: Optional[ClassLayout] = None) -> None:
+  def check_resumable(self, step: int, abstract_state: Any) -> None:
     """Fails with IncompatibleCheckpointError, naming what differs and what to do, unless
     `step` holds a data position for this process count and a train state of exactly the
     arrays (paths and shapes) of `abstract_state`. Logs the config fields that changed."""
@@ -518,7 +516,8 @@ class Checkpointer:
 
   def _fit_classes(self, step: int, abstract: Any, axes: Any) -> tuple[Any, Any]:
     """`fit_class_dims` of `abstract` against the arrays saved at `step`."""
-    return fit_class_dims(abstract, axes, _array_shapes(self._manager.item_metadata(step)['state']))
+    saved = _array_shapes(self._manager.item_metadata(step)['state'])
+    return fit_class_dims(abstract, axes, saved)
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any,
               layout: Optional[ClassLayout] = None) -> Any:

@@ -157,12 +157,13 @@ def run(main: Callable, configs: Mapping[str, str] = {'config': 'workdir'},  # p
         user_errors_too: tuple = ()) -> None:
   """`app.run(main)`, quiet (module docstring); each config flag in `configs` not given on the
   command line defaults to the config saved in the workdir its value names
-  (`default_to_workdir`); `*_kwargs` entries may be set whether or not the recipe has them
+  (`default_to_workdir`; a value None: no workdir default); `*_kwargs` entries may be set whether or not the recipe has them
   (`take_kwargs_overrides`); `user_errors_too`: more exception types that are a user's mistake
   in this tool (one line, like `user_errors()`)."""
   argv = sys.argv
   for flag, workdir_flag in configs.items():
-    argv = default_to_workdir(argv, flag, workdir_flag)
+    if workdir_flag:
+      argv = default_to_workdir(argv, flag, workdir_flag)
   argv, kwargs_overrides = take_kwargs_overrides(argv, list(configs))
   sys.argv = argv   # ml_collections reads the overrides from sys.argv itself
 
