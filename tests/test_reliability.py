@@ -117,11 +117,13 @@ def _quickstart(steps, checkpoint_every=2):
 
 
 def _data_files(step_dir):
-  """The OCDBT data files of a step's train state: each holds some of its arrays (which ones
-  varies from save to save), so the tests damage them all, as eval and resume read different
-  arrays."""
-  d = os.path.join(step_dir, 'state', 'ocdbt.process_0', 'd')
-  return [os.path.join(d, n) for n in os.listdir(d)]
+  """The OCDBT data files of a step's train state, the process's and the merged root's
+  (`state/d`, whose b-tree nodes can hold small arrays inline): each holds some of its arrays
+  (which ones varies from save to save), so the tests damage them all, as eval and resume
+  read different arrays."""
+  state = os.path.join(step_dir, 'state')
+  dirs = [os.path.join(state, 'd'), os.path.join(state, 'ocdbt.process_0', 'd')]
+  return [os.path.join(d, n) for d in dirs if os.path.isdir(d) for n in sorted(os.listdir(d))]
 
 
 def _truncate(path):
